@@ -1,0 +1,131 @@
+"""The `lvd` command: parse, call the engine, print. No stage logic here."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pipeline.config import ConfigError, Config, load_config
+from pipeline.engine import Engine, StageError, StageStatus, stage_names
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+STATUS_KEYS = ("stage", "state", "fingerprint", "rows", "path", "seconds")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def format_status_table(rows: list[StageStatus]) -> str:
+    """A plain-text table of stage states (what `lvd status` prints)."""
+    table = [("STAGE", "STATE", "FINGERPRINT", "ROWS", "SECONDS", "PATH")]
+    for r in rows:
+        table.append((r.stage, r.state, r.fingerprint[:12], "-" if r.rows is None else str(r.rows),
+                      "-" if r.seconds is None else f"{r.seconds:.1f}", r.path))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in table]
+    for r in rows:
+        for col, counts in (r.counts or {}).items():
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+            lines.append(f"  {r.stage} by {col}: {detail}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = Engine(_config(args), show_progress=False).status_all()
+    if args.json:
+        print(json.dumps([{k: r.as_dict()[k] for k in STATUS_KEYS} | {"counts": r.counts} for r in rows], indent=2))
+    else:
+        print(format_status_table(rows))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    engine = Engine(_config(args))
+    results = engine.run(until=args.until)
+    print(format_status_table(results))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    engine = Engine(_config(args))
+    result = engine.ensure(args.stage, force=args.force)
+    print(format_status_table([engine.status(n) for n in engine.upstream_closure(args.stage)[:-1]] + [result]))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _config(args)  # validate before starting anything
+    from flows.serve import serve  # the one upward import: `lvd serve` is the Prefect entry point
+
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lvd")
+    serve(str(Path(args.config).resolve()))
+    return 0
+
+
+def cmd_demo_corpus(args: argparse.Namespace) -> int:
+    from pipeline.democorpus import build_demo_corpus, main_serve
+
+    base_url = args.base_url or f"http://{args.host}:{args.port}"
+    corpus = build_demo_corpus(Path(args.out), base_url=base_url)
+    print(f"demo corpus in {corpus.root}: URL list {corpus.urls}, WARC {corpus.warc}, curated {corpus.curated}")
+    if args.serve:
+        main_serve(corpus.root, args.host, args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lvd", description="LVD-style curation and DINOv2 training as one cached DAG.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", default=str(DEFAULT_CONFIG), help="run YAML (default: configs/demo.yaml)")
+        return sp
+
+    sp = with_config(sub.add_parser("run", help="run every stage (or up to --until)"))
+    sp.add_argument("--until", choices=stage_names(), help="stop after this stage")
+    sp.set_defaults(func=cmd_run)
+
+    sp = with_config(sub.add_parser("stage", help="run one stage (missing upstream stages first)"))
+    sp.add_argument("stage", choices=stage_names())
+    sp.add_argument("--force", action="store_true", help="recompute this stage even if it is done")
+    sp.set_defaults(func=cmd_stage)
+
+    sp = with_config(sub.add_parser("status", help="state of every stage"))
+    sp.add_argument("--json", action="store_true", help="a JSON list of {stage,state,fingerprint,rows,path,seconds}")
+    sp.set_defaults(func=cmd_status)
+
+    sp = with_config(sub.add_parser("serve", help="serve the Prefect deployments of this config"))
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("demo-corpus", help="build (and optionally serve) the demo web corpus")
+    sp.add_argument("--out", default="runs/demo-corpus", help="output folder (default runs/demo-corpus)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--base-url", default=None, help="URL prefix written into the URL list (default http://HOST:PORT)")
+    sp.add_argument("--serve", action="store_true", help="serve the site until interrupted")
+    sp.set_defaults(func=cmd_demo_corpus)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (ConfigError, StageError, FileNotFoundError) as err:
+        print(f"lvd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lvd: interrupted — rerun the same command to resume; finished shards are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

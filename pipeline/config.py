@@ -1,0 +1,179 @@
+"""The one config schema: a run is one YAML file, validated before any work.
+
+Relative paths in the YAML are resolved against the directory of the YAML file, so a
+config means the same thing whatever the working directory of the CLI, a Prefect worker
+or a test.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SOURCE_KINDS = ("uncurated", "curated", "eval")
+Kind = Literal["uncurated", "curated", "eval"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the offending key."""
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(Strict):
+    """One named input: a URL list, WARC globs, and/or a local image folder."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    urls: Path | None = Field(None, description=".txt (one URL a line) or .csv/.parquet with a `url` column")
+    warc: list[str] = Field(default_factory=list, description="glob patterns of WARC files (.warc or .warc.gz)")
+    images: Path | None = Field(None, description="a local folder of image files (searched recursively)")
+
+    @model_validator(mode="after")
+    def _needs_input(self) -> "Source":
+        if self.urls is None and not self.warc and self.images is None:
+            raise ValueError(f"source {self.name!r} needs at least one of urls, warc, images")
+        return self
+
+
+class Sources(Strict):
+    uncurated: list[Source] = Field(default_factory=list)
+    curated: list[Source] = Field(default_factory=list)
+    eval: list[Source] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Sources":
+        seen: set[str] = set()
+        for kind in SOURCE_KINDS:
+            for src in getattr(self, kind):
+                if src.name in seen:
+                    raise ValueError(f"source name {src.name!r} is used twice; names must be unique across kinds")
+                seen.add(src.name)
+        return self
+
+    def all(self) -> list[tuple[Kind, Source]]:
+        """Every source with its kind, in config order (uncurated, curated, eval)."""
+        return [(kind, src) for kind in SOURCE_KINDS for src in getattr(self, kind)]
+
+
+class IngestConfig(Strict):
+    """The polite crawler and image validation."""
+
+    allow_private_addresses: bool = Field(False, description="fetch from loopback/private/link-local addresses")
+    timeout_s: float = Field(10.0, gt=0, description="per request (connect + full body)")
+    retries: int = Field(2, ge=0, le=10, description="extra attempts on 429/5xx/connection errors")
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry")
+    max_retry_after_s: float = Field(60.0, ge=0, description="longest Retry-After we honour; longer → give up")
+    max_redirects: int = Field(5, ge=0, le=30)
+    max_bytes: int = Field(20_000_000, gt=0, description="body size cap, enforced while streaming")
+    max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb guard, checked from the header")
+    max_side: int | None = Field(1024, gt=0, description="resize so the longer side is at most this; null keeps size")
+    encode_format: Literal["jpeg", "webp"] = "jpeg"
+    encode_quality: int = Field(90, ge=1, le=100)
+    user_agent: str = Field(
+        "lvd-curate/0.1 (research image-dataset crawler; honours robots.txt and X-Robots-Tag noai)",
+        min_length=1,
+    )
+    per_host_concurrency: int = Field(4, ge=1, le=256)
+    concurrency: int = Field(64, ge=1, le=4096, description="requests in flight over all hosts")
+    respect_robots: bool = True
+    respect_noai: bool = Field(True, description="X-Robots-Tag noai / noimageai marks an image opted out")
+    decode_workers: int = Field(0, ge=0, description="processes decoding images; 0 = one per CPU")
+    shards_in_flight: int = Field(4, ge=1, description="shards crawled at once (bounded memory)")
+
+
+class EngineConfig(Strict):
+    shard_rows: int = Field(1000, ge=1, description="input rows per output shard")
+    verify: Literal["checksum", "size"] = Field(
+        "checksum", description="how a finished stage is checked before it is reused"
+    )
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="Ray cluster address; RAY_ADDRESS overrides; null = local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance")
+
+
+class Config(Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
+        "default", description="deployment name suffix: curate-and-train/<name>"
+    )
+    root: Path
+    sources: Sources = Field(default_factory=Sources)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    path: Path | None = Field(None, description="set by load_config: the YAML this came from", exclude=True)
+
+    @field_validator("root")
+    @classmethod
+    def _root_not_empty(cls, v: Path) -> Path:
+        if str(v).strip() in ("", "."):
+            raise ValueError("root must name a directory for the run's outputs")
+        return v
+
+    @property
+    def stages_dir(self) -> Path:
+        return self.root / "stages"
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see configs/demo.yaml for the schema)"
+        lines.append(f"{key}: {msg}")
+    return f"invalid config {origin}: " + "; ".join(lines)
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def res(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    def res_glob(g: str) -> str:
+        p = Path(g).expanduser()
+        return str(p if p.is_absolute() else base / p)
+
+    def res_source(s: Source) -> Source:
+        return s.model_copy(update={"urls": res(s.urls), "images": res(s.images), "warc": [res_glob(g) for g in s.warc]})
+
+    sources = Sources(**{k: [res_source(s) for s in getattr(cfg.sources, k)] for k in SOURCE_KINDS})
+    return cfg.model_copy(update={"root": res(cfg.root), "sources": sources})
+
+
+def parse_config(data: dict[str, Any], base: Path, origin: str = "<dict>", name: str | None = None) -> Config:
+    """Validate a config mapping; relative paths resolve against ``base``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {origin}: the top level must be a mapping")
+    data = dict(data)
+    if name and "name" not in data:
+        data["name"] = name
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None
+    return _resolve_paths(cfg, base)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a run's YAML; the config name defaults to the file's stem."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (try configs/demo.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    cfg = parse_config(data, path.parent, origin=str(path), name=path.stem)
+    return cfg.model_copy(update={"path": path})

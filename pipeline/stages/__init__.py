@@ -1,0 +1,2 @@
+"""Curation stages. Importing this package registers them, upstream first."""
+from pipeline.stages import ingest  # noqa: F401
