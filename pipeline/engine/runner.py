@@ -346,23 +346,25 @@ class Engine:
         return out
 
     def _write_stage_manifest(self, name: str) -> None:
+        """Publish a per-source stage at its stage-level path: one folder per source, hard links
+        to the partitions' shards, and a manifest listing them — a readable Parquet dataset."""
         units = self.units(name)
         manifests = [store.read_manifest(u.dir) for u in units]
         if any(m is None or m.get("fingerprint") != u.fingerprint for m, u in zip(manifests, units)):
             return
-        path = self.stage_dir(name) / store.MANIFEST
         body = {
             "stage": name,
             "fingerprint": self.stage_fingerprint(name),
             "rows": sum(m["rows"] for m in manifests),
             "partitions": [
                 {"name": u.partition.name, "kind": u.partition.kind, "fingerprint": u.fingerprint,
-                 "dir": str(Path("..") / u.fingerprint), "rows": m["rows"], "content": m["content"]}
+                 "unit_dir": str(Path("..") / u.fingerprint), "rows": m["rows"], "content": m["content"],
+                 "shards": [f"{u.partition.name}/{e['file']}" for e in m["shards"]]}
                 for u, m in zip(units, manifests)
             ],
         }
-        if store.read_manifest(path.parent) != body:
-            store.atomic_write_json(path, body)
+        links = [(Path(u.partition.name) / e["file"], u.dir / e["file"]) for u, m in zip(units, manifests) for e in m["shards"]]
+        store.publish_view(self.stage_dir(name), body, links)
 
     # ---- read ----------------------------------------------------------------------------
     def read(self, name: str, partition: str | None = None, columns: list[str] | None = None) -> Iterator[pa.Table]:

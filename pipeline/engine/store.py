@@ -167,3 +167,29 @@ def discard_unit(unit_dir: Path) -> None:
     trash = unit_dir.with_name(f"{TMP_PREFIX}trash-{int(time.time())}-{uuid.uuid4().hex[:6]}-{unit_dir.name}")
     os.replace(unit_dir, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _view_is_current(view_dir: Path, manifest: dict, links: list[tuple[Path, Path]]) -> bool:
+    if read_manifest(view_dir) != manifest:
+        return False
+    try:
+        return all(os.path.samefile(view_dir / rel, target) for rel, target in links)
+    except OSError:
+        return False
+
+
+def publish_view(view_dir: Path, manifest: dict, links: list[tuple[Path, Path]]) -> None:
+    """Atomically (re)build a directory of hard links (copies across filesystems) plus a manifest."""
+    if _view_is_current(view_dir, manifest, links):
+        return
+    tmp = view_dir.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{view_dir.name}")
+    for rel, target in links:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(target, tmp / rel)
+        except OSError:
+            shutil.copy2(target, tmp / rel)
+    tmp.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(tmp / MANIFEST, manifest)
+    discard_unit(view_dir)
+    os.replace(tmp, view_dir)

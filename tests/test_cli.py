@@ -1,0 +1,66 @@
+"""The `lvd` command as a user runs it (subprocess, real entry point)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+LVD = [sys.executable, "-m", "pipeline.cli"]
+
+
+def _config(tmp_path: Path, n: int = 3) -> Path:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray((rng.random((20, 30, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("root: out\nsources:\n  curated: [{name: mine, images: imgs}]\nengine: {shard_rows: 2}\n")
+    return cfg
+
+
+def _lvd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(LVD + list(args), capture_output=True, text=True, timeout=300)
+
+
+def test_status_stage_status_json(tmp_path):
+    cfg = _config(tmp_path)
+    out = _lvd("status", "--config", str(cfg), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert rows[0]["stage"] == "ingest" and rows[0]["state"] == "missing"
+    assert {"stage", "state", "fingerprint", "rows", "path", "seconds"} <= set(rows[0])
+
+    out = _lvd("stage", "ingest", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "ingest" in out.stdout and "done" in out.stdout
+
+    rows = json.loads(_lvd("status", "--config", str(cfg), "--json").stdout)
+    ing = rows[0]
+    assert ing["state"] == "done" and ing["rows"] == 3 and ing["counts"] == {"status": {"ok": 3}}
+    assert Path(ing["path"]).is_relative_to(tmp_path / "out" / "stages" / "ingest")
+
+    table = _lvd("status", "--config", str(cfg)).stdout
+    assert table.splitlines()[0].split()[:4] == ["STAGE", "STATE", "FINGERPRINT", "ROWS"]
+    assert "ingest by status: ok=3" in table
+    import pyarrow.parquet as pq
+    assert pq.read_table(ing["path"]).num_rows == 3  # the stage path is a readable Parquet dataset
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("root: out\ningest: {per_host_concurency: 2}\n")
+    out = _lvd("status", "--config", str(cfg))
+    assert out.returncode == 2
+    assert "ingest.per_host_concurency: unknown key" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_input_says_what_to_fix(tmp_path):
+    cfg = tmp_path / "missing.yaml"
+    cfg.write_text("root: out\nsources: {uncurated: [{name: web, urls: nowhere.txt}]}\n")
+    out = _lvd("run", "--config", str(cfg))
+    assert out.returncode == 2 and "nowhere.txt" in out.stderr and "Traceback" not in out.stderr
