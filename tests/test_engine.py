@@ -146,3 +146,17 @@ def test_corrupt_upstream_found_while_reading_is_recomputed(tmp_path):
 def test_reading_a_missing_stage_says_what_to_do(tmp_path):
     with pytest.raises(StageError, match="lvd stage numbers"):
         list(toy_engine(tmp_path).read("numbers"))
+
+
+def test_concurrent_runs_compute_a_unit_once(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("TOY_SLEEP", "0.1")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(toy_engine(tmp_path).ensure("numbers"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(Numbers.calls) == list(range(N_SHARDS))  # each shard once, not twice
+    assert sorted(r.computed for r in results) == [False, True]

@@ -239,9 +239,14 @@ class Engine:
 
     def _ensure_unit(self, unit: Unit, force: bool) -> bool:
         """Returns True when work was done."""
+        wait = lambda: log.info("%s: another process is computing it; waiting", unit.label)  # noqa: E731
+        with store.unit_lock(unit.dir, on_wait=wait):
+            return self._ensure_unit_locked(unit, force)
+
+    def _ensure_unit_locked(self, unit: Unit, force: bool) -> bool:
         if force:
             log.info("%s: --force, discarding %s", unit.label, unit.dir)
-            store.discard_unit(unit.dir)
+            store.clear_unit(unit.dir)
         state, manifest = self._unit_state(unit)
         if state == "done" and manifest is not None:
             problems = self._verify(unit, manifest)

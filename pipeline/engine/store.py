@@ -6,6 +6,8 @@ a reader never sees a partial file; the manifest is written last and its presenc
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -19,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "_manifest.json"
+LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
 
 
@@ -160,6 +163,14 @@ def clean_temporaries(unit_dir: Path) -> int:
     return n
 
 
+def clear_unit(unit_dir: Path) -> None:
+    """Forget a unit's outputs: the manifest first (so it is no longer done), then its shards."""
+    (unit_dir / MANIFEST).unlink(missing_ok=True)
+    for p in unit_dir.glob("part-*.parquet"):
+        p.unlink()
+    clean_temporaries(unit_dir)
+
+
 def discard_unit(unit_dir: Path) -> None:
     """Remove a unit's outputs: rename the directory away first (atomic), then delete it."""
     if not unit_dir.exists():
@@ -193,3 +204,20 @@ def publish_view(view_dir: Path, manifest: dict, links: list[tuple[Path, Path]])
     atomic_write_json(tmp / MANIFEST, manifest)
     discard_unit(view_dir)
     os.replace(tmp, view_dir)
+
+
+@contextlib.contextmanager
+def unit_lock(unit_dir: Path, on_wait=None):
+    """Hold an exclusive lock on a unit so two runs never compute it at once (the second waits)."""
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    with open(unit_dir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
