@@ -8,12 +8,13 @@ so the engine can write each one as soon as it is finished.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import os
 import queue
 import threading
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -21,7 +22,7 @@ import pyarrow as pa
 
 from pipeline.config import IngestConfig
 from pipeline.fetch import Fetcher
-from pipeline.imaging import decode_and_encode
+from pipeline.imaging import DecodedImage, decode_and_encode
 from pipeline.sources import InputItem, load_item_bytes
 from pipeline.tables import images_table
 
@@ -37,15 +38,21 @@ class CrawlShard:
 
 
 _DONE = object()
+SMALL_JOB = 64  # below this many items, decode in threads: a process pool costs more to start than it saves
 
 
 class _Crawl:
     """State of one crawl: config, source labels, fetcher, decode pool, progress callback."""
 
     def __init__(self, cfg: IngestConfig, source: str, kind: str, fetcher: Fetcher, pool: Executor,
-                 on_item: Callable[[str], None]):
+                 workers: int, on_item: Callable[[str], None]):
         self.cfg, self.source, self.kind = cfg, source, kind
         self.fetcher, self.pool, self.on_item = fetcher, pool, on_item
+        # Items between "start fetching" and "decoded": bounds the bodies held in memory when
+        # downloads outpace decoding (fetch slots + a short queue per decode worker).
+        self.backlog = asyncio.Semaphore(cfg.concurrency + 2 * workers)
+        self.decode = functools.partial(decode_and_encode, max_pixels=cfg.max_pixels, max_side=cfg.max_side,
+                                        fmt=cfg.encode_format, quality=cfg.encode_quality)
 
     def _row(self, item: InputItem, **fields: Any) -> dict:
         row = {"image_id": item.image_id, "url": item.url, "source": self.source, "kind": self.kind,
@@ -70,47 +77,48 @@ class _Crawl:
     async def item(self, item: InputItem) -> dict:
         """Exactly one row for the item, whatever happens."""
         try:
-            body, meta = await self._body(item)
-            if body is None:
-                row = self._row(item, **meta)
-            else:
-                row = self._row(item, **meta, **await self._decode(body))
+            async with self.backlog:
+                body, meta = await self._body(item)
+                if body is None:
+                    row = self._row(item, **meta)
+                else:
+                    row = self._row(item, **meta, **_decoded_fields(await self._decode(body)))
         except Exception as err:  # noqa: BLE001 - an item is never dropped: record the failure
             log.exception("unexpected error on %s", item.url)
             row = self._row(item, status="internal_error", error=f"{type(err).__name__}: {err}")
         self.on_item(row["status"])
         return row
 
-    async def _decode(self, body: bytes) -> dict:
-        cfg = self.cfg
-        loop = asyncio.get_running_loop()
-        dec = await loop.run_in_executor(
-            self.pool, _decode, body, cfg.max_pixels, cfg.max_side, cfg.encode_format, cfg.encode_quality)
-        return dec
+    async def _decode(self, body: bytes) -> DecodedImage:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.decode, body)
 
     async def shard(self, shard: CrawlShard) -> tuple[int, pa.Table]:
         rows = await asyncio.gather(*(self.item(it) for it in shard.items))
         return shard.index, images_table(list(rows))
 
 
-def _decode(body: bytes, max_pixels: int, max_side: int | None, fmt: str, quality: int) -> dict:
-    d = decode_and_encode(body, max_pixels=max_pixels, max_side=max_side, fmt=fmt, quality=quality)
+def _decoded_fields(d: DecodedImage) -> dict:
     return {"status": d.status, "error": d.error, "image": d.image, "width": d.width, "height": d.height,
             "sha256": d.sha256}
 
 
-def _make_pool(cfg: IngestConfig) -> ProcessPoolExecutor:
-    workers = cfg.decode_workers or os.cpu_count() or 1
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+def _make_pool(workers: int, items: int) -> Executor:
+    """Decode workers: processes (only `pipeline.imaging` preloaded); threads for tiny jobs."""
+    if items <= SMALL_JOB:
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline.imaging"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
 async def _crawl(cfg: IngestConfig, source: str, kind: str, shards: list[CrawlShard],
                  out: "queue.Queue[Any]", on_item: Callable[[str], None]) -> None:
     gate = asyncio.Semaphore(cfg.shards_in_flight)
     loop = asyncio.get_running_loop()
-    with _make_pool(cfg) as pool:
+    workers = cfg.decode_workers or os.cpu_count() or 1
+    with _make_pool(workers, sum(len(s.items) for s in shards)) as pool:
         async with Fetcher(cfg) as fetcher:
-            crawl = _Crawl(cfg, source, kind, fetcher, pool, on_item)
+            crawl = _Crawl(cfg, source, kind, fetcher, pool, workers, on_item)
 
             async def one(shard: CrawlShard) -> None:
                 async with gate:
