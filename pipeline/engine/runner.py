@@ -209,17 +209,22 @@ class Engine:
         return [self.ensure(n, force=force and n == until) for n in names]
 
     def ensure(self, name: str, force: bool = False) -> StageStatus:
-        """Make ``name`` (and, first, its upstream stages) done; ``force`` recomputes ``name`` itself."""
+        """Make ``name`` (and, first, its upstream stages) done; ``force`` recomputes ``name`` itself.
+
+        A done stage is re-checked before reuse (``engine.verify``: checksums or sizes); its
+        upstream stages get the cheap size check only, since reading them verifies checksums.
+        """
         for u in self.upstream_closure(name)[:-1]:
-            self._ensure_one(u, force=False)
+            self._ensure_one(u, force=False, verify="size")
         return self._ensure_one(name, force=force)
 
-    def _ensure_one(self, name: str, force: bool) -> StageStatus:
+    def _ensure_one(self, name: str, force: bool, verify: str | None = None) -> StageStatus:
+        verify = verify or self.config.engine.verify
         computed = False
         for unit in self.units(name):
             for attempt in range(MAX_CORRUPTION_RETRIES + 1):
                 try:
-                    computed |= self._ensure_unit(unit, force=force and attempt == 0)
+                    computed |= self._ensure_unit(unit, force=force and attempt == 0, verify=verify)
                     break
                 except store.CorruptShardError as err:
                     if attempt == MAX_CORRUPTION_RETRIES:
@@ -237,19 +242,19 @@ class Engine:
         (err.unit_dir / err.shard).unlink(missing_ok=True)
         self._ensure_one(err.stage, force=False)
 
-    def _ensure_unit(self, unit: Unit, force: bool) -> bool:
+    def _ensure_unit(self, unit: Unit, force: bool, verify: str) -> bool:
         """Returns True when work was done."""
         wait = lambda: log.info("%s: another process is computing it; waiting", unit.label)  # noqa: E731
         with store.unit_lock(unit.dir, on_wait=wait):
-            return self._ensure_unit_locked(unit, force)
+            return self._ensure_unit_locked(unit, force, verify)
 
-    def _ensure_unit_locked(self, unit: Unit, force: bool) -> bool:
+    def _ensure_unit_locked(self, unit: Unit, force: bool, verify: str) -> bool:
         if force:
             log.info("%s: --force, discarding %s", unit.label, unit.dir)
             store.clear_unit(unit.dir)
         state, manifest = self._unit_state(unit)
         if state == "done" and manifest is not None:
-            problems = self._verify(unit, manifest)
+            problems = self._verify(unit, manifest, verify)
             if not problems:
                 return False
             for shard, why in problems:
@@ -263,10 +268,10 @@ class Engine:
         self._compute_unit(unit)
         return True
 
-    def _verify(self, unit: Unit, manifest: dict) -> list[tuple[str, str]]:
+    def _verify(self, unit: Unit, manifest: dict, mode: str) -> list[tuple[str, str]]:
         out = []
         for entry in manifest["shards"]:
-            why = store.verify_shard(unit.dir, entry, self.config.engine.verify)
+            why = store.verify_shard(unit.dir, entry, mode)
             if why:
                 out.append((entry["file"], why))
         return out
