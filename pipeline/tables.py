@@ -20,8 +20,31 @@ IMAGES_SCHEMA = pa.schema([
 ])
 
 
-def images_table(rows: list[dict]) -> pa.Table:
-    """Rows (dicts with IMAGES_SCHEMA keys; missing keys → null) as a table sorted by image_id."""
+def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts keyed by column; missing keys → null) as a table of ``schema`` sorted by image_id."""
     rows = sorted(rows, key=lambda r: r["image_id"])
-    cols = {f.name: [r.get(f.name) for r in rows] for f in IMAGES_SCHEMA}
-    return pa.table(cols, schema=IMAGES_SCHEMA)
+    return pa.table({f.name: [r.get(f.name) for r in rows] for f in schema}, schema=schema)
+
+
+def images_table(rows: list[dict]) -> pa.Table:
+    """Rows of the images table, sorted by image_id."""
+    return rows_table(rows, IMAGES_SCHEMA)
+
+DECISIONS_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),     # the image's source (filters read one source's rows)
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("decision", pa.string(), nullable=False),   # kept | removed
+    pa.field("reason", pa.string()),                     # why removed (or a note when kept)
+    pa.field("score", pa.float64()),                     # e.g. nsfw score, Hamming distance to ref_id
+    pa.field("ref_id", pa.string()),                     # e.g. the representative an image duplicates
+])
+
+FACE_BOX = pa.list_(pa.int32(), 4)                       # x, y, w, h in stored-image pixels (margin included)
+BLURRED_IMAGES_SCHEMA = IMAGES_SCHEMA.append(pa.field("faces", pa.int32())).append(
+    pa.field("face_boxes", pa.list_(FACE_BOX)))
+
+
+def decisions_table(rows: list[dict]) -> pa.Table:
+    """Rows of the decisions table, sorted by image_id."""
+    return rows_table(rows, DECISIONS_SCHEMA)

@@ -270,7 +270,8 @@ class Engine:
 
     def _verify(self, unit: Unit, manifest: dict, mode: str) -> list[tuple[str, str]]:
         out = []
-        for entry in manifest["shards"]:
+        artifacts = [{"file": n, **a} for n, a in (manifest.get("artifacts") or {}).items()]
+        for entry in manifest["shards"] + artifacts:
             why = store.verify_shard(unit.dir, entry, mode)
             if why:
                 out.append((entry["file"], why))
@@ -279,6 +280,7 @@ class Engine:
     def _compute_unit(self, unit: Unit) -> None:
         stage = self.stage(unit.stage)
         ctx = self.context(unit.stage, unit.partition)
+        ctx.unit_dir = unit.dir
         unit.dir.mkdir(parents=True, exist_ok=True)
         store.clean_temporaries(unit.dir)
         started, t0 = _now(), time.monotonic()
@@ -323,6 +325,12 @@ class Engine:
     def _write_manifest(self, unit: Unit, stage: Stage, ctx: StageContext, shards: list[dict], inputs: dict,
                         started: str, seconds: float, computed_shards: int) -> None:
         counts = self._counts(unit, stage, shards)
+        artifacts = {}
+        for name in stage.artifacts:
+            path = unit.dir / name
+            if not path.is_file():
+                raise StageError(f"stage {unit.stage!r} did not write its artifact {name!r}; this is a bug in the stage")
+            artifacts[name] = {"bytes": path.stat().st_size, "sha256": store.sha256_file(path)}
         manifest = {
             "stage": unit.stage,
             "version": stage.version,
@@ -334,6 +342,7 @@ class Engine:
             "shards": shards,
             "content": fingerprint([s["sha256"] for s in shards], length=64),
             "counts": counts,
+            "artifacts": artifacts,
             "started_at": started,
             "finished_at": _now(),
             "seconds": round(seconds, 3),
@@ -382,11 +391,40 @@ class Engine:
         for unit in self.units(name):
             if partition is not None and (unit.partition is None or unit.partition.name != partition):
                 continue
-            state, manifest = self._unit_state(unit)
-            if state != "done" or manifest is None:
-                raise StageError(f"stage {unit.label} is {state}; run `lvd stage {name} --config {self.config.path}` first")
-            for entry in manifest["shards"]:
+            for entry in self._done_manifest(unit, name)["shards"]:
                 yield store.read_shard(name, unit.dir, entry, columns)
+
+    def shard_refs(self, name: str, partition: str | None = None) -> list[store.ShardRef]:
+        """References to every shard of a done stage (one partition's, if given), for workers to read."""
+        refs = []
+        for unit in self.units(name):
+            if partition is not None and (unit.partition is None or unit.partition.name != partition):
+                continue
+            manifest = self._done_manifest(unit, name)
+            part = unit.partition.name if unit.partition else None
+            refs += [store.ShardRef(name, str(unit.dir), e, part) for e in manifest["shards"]]
+        return refs
+
+    def read_artifact(self, name: str, artifact: str, partition: str | None = None) -> bytes:
+        """An artifact file of a done stage, checksum verified."""
+        unit = next(u for u in self.units(name) if partition is None or (u.partition and u.partition.name == partition))
+        manifest = self._done_manifest(unit, name)
+        data = (unit.dir / artifact).read_bytes()
+        if store.sha256_bytes(data) != manifest["artifacts"][artifact]["sha256"]:
+            raise store.CorruptShardError(name, unit.dir, artifact, "artifact checksum differs from the manifest")
+        return data
+
+    def _done_manifest(self, unit: Unit, name: str) -> dict:
+        state, manifest = self._unit_state(unit)
+        if state != "done" or manifest is None:
+            raise StageError(f"stage {unit.label} is {state}; run `lvd stage {name} --config {self.config.path}` first")
+        return manifest
+
+    def kept(self, upto: str, source: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The images of ``source`` kept by every filter upstream of stage ``upto`` (see engine/kept.py)."""
+        from pipeline.engine.kept import kept_images
+
+        return kept_images(self, upto, source, columns)
 
     def read_table(self, name: str, partition: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """The whole (verified) output of a stage as one table — small stages and tests only."""

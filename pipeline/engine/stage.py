@@ -4,12 +4,14 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import pyarrow as pa
 from pydantic import BaseModel
 
 from pipeline.config import SOURCE_KINDS, Config, Source
+from pipeline.engine import store
 
 if TYPE_CHECKING:
     from pipeline.engine.runner import Engine
@@ -45,6 +47,13 @@ class StageContext:
     engine: "Engine"
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("lvd"))
     show_progress: bool = True
+    unit_dir: Path | None = None  # set while computing
+
+    def write_artifact(self, name: str, data: bytes) -> None:
+        """Store a file beside the shards (e.g. a fitted projection); listed, with its checksum, in the manifest."""
+        if self.unit_dir is None or name not in self.stage.artifacts:
+            raise ValueError(f"stage {self.stage.name!r} must declare artifact {name!r} and write it while computing")
+        store.atomic_write_bytes(self.unit_dir / name, data)
 
     @property
     def section(self) -> BaseModel | None:
@@ -67,6 +76,8 @@ class Stage(ABC):
     kinds: ClassVar[tuple[str, ...]] = SOURCE_KINDS
     schema: ClassVar[pa.Schema]
     count_by: ClassVar[tuple[str, ...]] = ()
+    output: ClassVar[str] = "table"  # "images" (an images table), "decisions" (one row per input image), "table"
+    artifacts: ClassVar[tuple[str, ...]] = ()  # extra files the stage writes with ctx.write_artifact
     fingerprint_exclude: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""
 

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.digest import sha256_bytes, sha256_file  # noqa: F401 - re-exported for the engine
 
 MANIFEST = "_manifest.json"
 LOCK = ".lock"
@@ -93,18 +95,6 @@ def write_shard(unit_dir: Path, index: int, table: pa.Table) -> dict:
     return {"file": shard_name(index), "rows": table.num_rows, "bytes": len(data), "sha256": sha256_bytes(data)}
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def describe_existing_shard(path: Path) -> dict | None:
     """Manifest entry for a finished shard found on disk, or None if it is unreadable."""
     try:
@@ -113,6 +103,29 @@ def describe_existing_shard(path: Path) -> dict | None:
     except Exception:  # noqa: BLE001 - any unreadable file is simply recomputed
         return None
     return {"file": path.name, "rows": rows, "bytes": len(data), "sha256": sha256_bytes(data)}
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """Where one finished shard lives and what its manifest says: enough for any worker to read it."""
+
+    stage: str
+    unit_dir: str
+    entry: dict = field(hash=False)
+    partition: str | None = None
+
+    def to_row(self) -> dict:
+        """Plain columns (for a Ray Data row)."""
+        return {"stage": self.stage, "unit_dir": self.unit_dir, "partition": self.partition,
+                "file": self.entry["file"], "sha256": self.entry["sha256"]}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ShardRef":
+        return cls(row["stage"], row["unit_dir"], {"file": row["file"], "sha256": row["sha256"]}, row["partition"])
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The shard's table, checksum verified."""
+        return read_shard(self.stage, Path(self.unit_dir), self.entry, columns)
 
 
 def read_shard(stage: str, unit_dir: Path, entry: dict, columns: list[str] | None = None) -> pa.Table:

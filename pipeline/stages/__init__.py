@@ -1,2 +1,5 @@
-"""Curation stages. Importing this package registers them, upstream first."""
-from pipeline.stages import ingest  # noqa: F401
+"""Curation stages. Importing this package registers them, in DAG order."""
+from pipeline.stages import ingest  # noqa: F401  (isort: skip)
+from pipeline.stages import hash_dedup  # noqa: F401  (isort: skip)
+from pipeline.stages import nsfw  # noqa: F401  (isort: skip)
+from pipeline.stages import face_blur  # noqa: F401  (isort: skip)

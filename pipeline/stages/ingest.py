@@ -27,6 +27,7 @@ class Ingest(Stage):
     section = "ingest"
     per_source = True
     schema = IMAGES_SCHEMA
+    output = "images"
     count_by = ("status",)
     fingerprint_exclude = THROUGHPUT_ONLY
     description = "polite crawl of URL lists / WARCs and local folders into the images table"
