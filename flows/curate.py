@@ -84,11 +84,11 @@ def stage_task(stage: str) -> Task:
 
 
 def plan(engine: Engine, until: str | None, force: list[str]) -> list[str]:
-    """The stages to run in DAG order (all, or ``until`` and its upstream); checks ``force`` names."""
+    """The stages to run in DAG order (all, or up to and including ``until``); checks ``force`` names."""
     unknown = sorted(set(force) - set(engine.stage_names()))
     if unknown:
         raise StageError(f"force names unknown stage(s) {unknown}; stages are: {', '.join(engine.stage_names())}")
-    return engine.upstream_closure(until) if until else engine.stage_names()
+    return engine.stages_until(until)
 
 
 def _absolute(config: str) -> str:

@@ -203,10 +203,14 @@ class Engine:
         return [self.status(n) for n in self.stage_names()]
 
     # ---- compute -------------------------------------------------------------------------
+    def stages_until(self, until: str | None = None) -> list[str]:
+        """The DAG's stages in order, stopping after ``until`` (every stage when None)."""
+        names = self.stage_names()
+        return names if until is None else names[: names.index(self.stage(until).name) + 1]
+
     def run(self, until: str | None = None, force: bool = False) -> list[StageStatus]:
-        """Ensure every stage (up to and including ``until``) is done."""
-        names = self.upstream_closure(until) if until else self.stage_names()
-        return [self.ensure(n, force=force and n == until) for n in names]
+        """Ensure every stage (in DAG order, up to and including ``until``) is done."""
+        return [self.ensure(n, force=force and n == until) for n in self.stages_until(until)]
 
     def ensure(self, name: str, force: bool = False) -> StageStatus:
         """Make ``name`` (and, first, its upstream stages) done; ``force`` recomputes ``name`` itself.
