@@ -273,15 +273,17 @@ def _fix_hint() -> str:
     return "relative paths in the config resolve against the YAML file's directory"
 
 
+def _missing(source: Source, what: str, key: str) -> FileNotFoundError:
+    """The error for an input that is not there: names the source, the path and the key to fix."""
+    return FileNotFoundError(f"source {source.name!r}: {what}; fix `{key}:` of this source ({_fix_hint()})")
+
+
 def _check_urls(source: Source) -> Path | None:
     if source.urls is None:
         return None
     path = Path(source.urls)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"source {source.name!r}: URL list {path} does not exist; fix `urls:` of this source "
-            f"({_fix_hint()})"
-        )
+        raise _missing(source, f"URL list {path} does not exist", "urls")
     return path
 
 
@@ -291,10 +293,7 @@ def _warc_files(source: Source) -> list[Path]:
     for pattern in source.warc:
         matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
         if not matches:
-            raise FileNotFoundError(
-                f"source {source.name!r}: WARC glob {pattern!r} matches no file; fix `warc:` of this source "
-                f"({_fix_hint()})"
-            )
+            raise _missing(source, f"WARC glob {pattern!r} matches no file", "warc")
         for match in matches:
             key = os.path.abspath(match)
             if key not in seen:
@@ -308,10 +307,7 @@ def _check_images(source: Source) -> Path | None:
         return None
     folder = Path(source.images)
     if not folder.is_dir():
-        raise FileNotFoundError(
-            f"source {source.name!r}: image folder {folder} does not exist; fix `images:` of this source "
-            f"({_fix_hint()})"
-        )
+        raise _missing(source, f"image folder {folder} does not exist", "images")
     return folder
 
 

@@ -123,3 +123,30 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
         Q /= B
     Q *= B
     return Q.t().reshape(shape)
+
+
+class CenteredLoss(nn.Module):
+    """Base of the DINO and iBOT losses: student temperature and the teacher centring they share."""
+
+    def __init__(self, dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.centering = EMACenter(dim, momentum=center_momentum)
+
+    @property
+    def center(self) -> Tensor:
+        """The EMA centre ``[1, dim]`` (pending updates applied)."""
+        self.centering.apply_center_update()
+        return self.centering.center
+
+    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        """Teacher targets by EMA centring: ``softmax((t - center) / teacher_temp)``."""
+        return self.centering.softmax_center(teacher_logits, teacher_temp)
+
+    def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
+        """Teacher targets by Sinkhorn-Knopp over the global (all-worker) batch (``[..., K]`` in and out)."""
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=n_iterations)
+
+    def update_center(self, teacher_logits: Tensor, async_op: bool = True) -> None:
+        """Fold the (global) batch mean of the raw teacher logits into the EMA centre."""
+        self.centering.update_center(teacher_logits, async_op=async_op)

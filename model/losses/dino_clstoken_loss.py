@@ -11,37 +11,17 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.losses.centering import EMACenter, sinkhorn_knopp
+from model.losses.centering import CenteredLoss
 
 __all__ = ["DINOLoss"]
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(CenteredLoss):
     """Multi-crop DINO cross-entropy with EMA-centre or Sinkhorn-Knopp teacher centring."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
+        super().__init__(out_dim, student_temp, center_momentum)
         self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.centering = EMACenter(out_dim, momentum=center_momentum)
-
-    @property
-    def center(self) -> Tensor:
-        """The EMA centre ``[1, out_dim]`` (pending updates applied)."""
-        self.centering.apply_center_update()
-        return self.centering.center
-
-    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Teacher targets by EMA centring: ``softmax((t - center) / teacher_temp)``."""
-        return self.centering.softmax_center(teacher_logits, teacher_temp)
-
-    def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
-        """Teacher targets by Sinkhorn-Knopp over the global (all-worker) batch."""
-        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=n_iterations)
-
-    def update_center(self, teacher_logits: Tensor, async_op: bool = True) -> None:
-        """Fold the (global) batch mean of the raw teacher logits into the EMA centre."""
-        self.centering.update_center(teacher_logits, async_op=async_op)
 
     def forward(
         self,

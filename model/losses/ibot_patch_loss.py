@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.losses.centering import EMACenter, sinkhorn_knopp
+from model.losses.centering import CenteredLoss
 
 __all__ = ["iBOTPatchLoss", "masks_weight_from_masks"]
 
@@ -21,32 +21,12 @@ def masks_weight_from_masks(masks_flat: Tensor) -> Tensor:
     return per_image.unsqueeze(-1).expand_as(masks_flat)[masks_flat]
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(CenteredLoss):
     """Masked-patch cross-entropy with EMA-centre or Sinkhorn-Knopp teacher centring."""
 
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
+        super().__init__(patch_out_dim, student_temp, center_momentum)
         self.patch_out_dim = patch_out_dim
-        self.student_temp = student_temp
-        self.centering = EMACenter(patch_out_dim, momentum=center_momentum)
-
-    @property
-    def center(self) -> Tensor:
-        """The EMA centre ``[1, patch_out_dim]`` (pending updates applied)."""
-        self.centering.apply_center_update()
-        return self.centering.center
-
-    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Teacher targets by EMA centring: ``softmax((t - center) / teacher_temp)``."""
-        return self.centering.softmax_center(teacher_logits, teacher_temp)
-
-    def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
-        """Teacher targets by Sinkhorn-Knopp over the masked patches of all workers (``[M, K]`` in and out)."""
-        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=n_iterations)
-
-    def update_center(self, teacher_logits: Tensor, async_op: bool = True) -> None:
-        """Fold the (global) mean of the raw teacher masked-patch logits into the EMA centre."""
-        self.centering.update_center(teacher_logits, async_op=async_op)
 
     def _cross_entropy(self, student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
         return -(teacher_probs.float() * F.log_softmax(student_logits.float() / self.student_temp, dim=-1)).sum(dim=-1)
