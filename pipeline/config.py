@@ -142,6 +142,75 @@ class FaceBlurConfig(RayDataConfig):
         return self
 
 
+class IndexConfig(Strict):
+    """A FAISS index choice: exact below ``flat_max`` vectors, IVF or IVF-PQ above."""
+
+    kind: Literal["auto", "flat", "ivf", "ivfpq"] = "auto"
+    flat_max: int = Field(200_000, ge=1, description="auto: exact inner-product search up to this many vectors")
+    nlist: int | None = Field(None, ge=1, description="IVF lists; null ≈ 4·sqrt(n)")
+    pq_m: int | None = Field(None, ge=1, description="IVF-PQ sub-quantizers; null = dim/4")
+    nprobe: int = Field(16, ge=1)
+
+
+class EmbedConfig(RayDataConfig):
+    """Embedding of every kept uncurated image and every curated and eval image."""
+
+    model: str = Field(
+        "open_clip:ViT-H-14:laion2b_s32b_b79k",
+        description="open_clip:<arch>:<pretrained|none> | dinov2:[<arch>:]<checkpoint|none> | timm:<name>[:<checkpoint|none>]")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int = Field(32, ge=1)
+
+
+class CopyDedupConfig(Strict):
+    """Copy detection on embeddings, and removal of near-copies of evaluation images."""
+
+    k: int = Field(64, ge=1, description="neighbours per image in the kNN graph (paper: 64)")
+    threshold: float = Field(0.6, gt=-1, lt=1, description="edge when cosine > threshold (paper: 0.6)")
+    eval_threshold: float = Field(0.45, gt=-1, lt=1, description="remove when cosine to any eval image > this (paper: 0.45)")
+    index: IndexConfig = Field(default_factory=IndexConfig)
+
+
+class ClusterConfig(Strict):
+    """Spherical k-means of the deduplicated uncurated embeddings (optionally hierarchical)."""
+
+    n_clusters: int = Field(100_000, ge=1, description="paper: 100,000; capped at the number of images")
+    niter: int = Field(20, ge=1)
+    seed: int = 0
+    hierarchical: bool = Field(False, description="Vo et al. 2024: k-means on centroids, level by level")
+    levels: list[int] = Field(default_factory=list, description="cluster counts per level above the first, e.g. [1000, 100]")
+    resampling_steps: int = Field(0, ge=0, description="re-fit each level on a balanced resample this many times")
+
+
+class RetrieveSourceConfig(Strict):
+    method: Literal["auto", "sample", "cluster"] = "auto"
+    k: int = Field(4, ge=1, description="sample-based: neighbours per query image (paper: 4; 32 for ImageNet-1k)")
+    min_hits: int = Field(3, ge=0, description="cluster-based: clusters holding more than this many of the source's images")
+    per_cluster: int = Field(10_000, ge=1, description="cluster-based: images taken from each such cluster")
+    cap: int = Field(1_000_000, ge=1, description="cluster-based: at most this many images per source")
+
+
+class RetrieveConfig(RetrieveSourceConfig):
+    """Retrieval of uncurated images near each curated source; per-source overrides under `sources`."""
+
+    auto_threshold: int = Field(1_000_000, ge=1, description="auto: sample-based for sources with more images than this")
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    sources: dict[str, RetrieveSourceConfig] = Field(default_factory=dict, description="per curated source settings")
+
+    def for_source(self, name: str) -> RetrieveSourceConfig:
+        """The settings for one curated source (its override, else the defaults above)."""
+        base = RetrieveSourceConfig(**{k: getattr(self, k) for k in RetrieveSourceConfig.model_fields})
+        override = self.sources.get(name)
+        if override is None:
+            return base
+        return base.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
+
+
+class DatasetConfig(Strict):
+    shard_rows: int | None = Field(None, ge=1, description="rows per dataset shard; null = engine.shard_rows")
+
+
 class EngineConfig(Strict):
     shard_rows: int = Field(1000, ge=1, description="input rows per output shard")
     verify: Literal["checksum", "size"] = Field(
@@ -166,6 +235,11 @@ class Config(Strict):
     hash_dedup: HashDedupConfig = Field(default_factory=HashDedupConfig)
     nsfw: NsfwConfig = Field(default_factory=NsfwConfig)
     face_blur: FaceBlurConfig = Field(default_factory=FaceBlurConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    copy_dedup: CopyDedupConfig = Field(default_factory=CopyDedupConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     path: Path | None = Field(None, description="set by load_config: the YAML this came from", exclude=True)
 
     @field_validator("root")

@@ -42,14 +42,27 @@ def removed_ids(engine: "Engine", upto: str, source: str, kind: str) -> pa.Array
     return pa.chunked_array([c for a in removed for c in a.chunks], type=pa.string()).combine_chunks()
 
 
-def kept_images(engine: "Engine", upto: str, source: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Shards of ``source``'s images kept by every filter upstream of ``upto`` (status ok, not removed)."""
-    kind = next(k for k, s in engine.config.sources.all() if s.name == source)
-    stage = images_stage(engine, upto, kind)
+def source_kind(engine: "Engine", source: str) -> str:
+    """The kind (uncurated / curated / eval) of a configured source."""
+    for kind, src in engine.config.sources.all():
+        if src.name == source:
+            return kind
+    raise KeyError(f"no source named {source!r} in the config")
+
+
+def kept_rows(engine: "Engine", upto: str, source: str, columns: list[str] | None = None,
+              table: str | None = None) -> Iterator[pa.Table]:
+    """Shards of ``source`` kept by every filter upstream of ``upto`` (status ok where the table has
+    one, and not removed): of its latest upstream images table, or of the per-image stage ``table``."""
+    kind = source_kind(engine, source)
+    stage = table or images_stage(engine, upto, kind)
     gone = removed_ids(engine, upto, source, kind)
-    read_cols = None if columns is None else sorted(set(columns) | {"image_id", "status"})
+    has_status = "status" in engine.stage(stage).schema.names if engine.stage(stage).schema is not None else False
+    read_cols = None if columns is None else sorted(set(columns) | {"image_id"} | ({"status"} if has_status else set()))
     part = source if engine.stage(stage).per_source else None
     for t in engine.read(stage, partition=part, columns=read_cols):
-        keep = pc.and_(pc.equal(t["status"], "ok"), pc.invert(pc.is_in(t["image_id"], value_set=gone)))
+        keep = pc.invert(pc.is_in(t["image_id"], value_set=gone))
+        if has_status:
+            keep = pc.and_(pc.equal(t["status"], "ok"), keep)
         t = t.filter(keep)
         yield t if columns is None else t.select(columns)

@@ -316,11 +316,12 @@ class Engine:
         if not todo:
             return
         wanted = {s.index for s in todo}
+        schema = stage.output_schema(ctx)
         for index, table in stage.compute(ctx, todo):
             if index not in wanted:
                 raise StageError(f"stage {unit.stage!r} yielded shard {index}, which was not asked for")
             try:
-                table = table.select(stage.schema.names).cast(stage.schema)
+                table = table.select(schema.names).cast(schema)
             except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
                 raise StageError(f"stage {unit.stage!r} shard {index} does not match its schema: {err}") from err
             entries[index] = store.write_shard(unit.dir, index, table)
@@ -424,16 +425,18 @@ class Engine:
             raise StageError(f"stage {unit.label} is {state}; run `lvd stage {name} --config {self.config.path}` first")
         return manifest
 
-    def kept(self, upto: str, source: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-        """The images of ``source`` kept by every filter upstream of stage ``upto`` (see engine/kept.py)."""
-        from pipeline.engine.kept import kept_images
+    def kept(self, upto: str, source: str, columns: list[str] | None = None, table: str | None = None) -> Iterator[pa.Table]:
+        """Rows of ``source`` kept by every filter upstream of stage ``upto`` (see engine/kept.py):
+        of its latest images table, or of ``table`` (another per-image stage, e.g. ``embed``)."""
+        from pipeline.engine.kept import kept_rows
 
-        return kept_images(self, upto, source, columns)
+        return kept_rows(self, upto, source, columns, table)
 
     def read_table(self, name: str, partition: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """The whole (verified) output of a stage as one table — small stages and tests only."""
         tables = list(self.read(name, partition, columns))
         if not tables:
-            schema = self.stage(name).schema
+            parts = [p for p in self.partitions(name) if p is None or partition in (None, p.name)]
+            schema = self.stage(name).output_schema(self.context(name, parts[0] if parts else None))
             return schema.empty_table() if columns is None else pa.schema([schema.field(c) for c in columns]).empty_table()
         return pa.concat_tables(tables)

@@ -81,6 +81,10 @@ class Stage(ABC):
     fingerprint_exclude: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""
 
+    def output_schema(self, ctx: StageContext) -> pa.Schema:
+        """The schema of this stage's shards (a stage whose columns depend on the config overrides this)."""
+        return self.schema
+
     def fingerprint_inputs(self, ctx: StageContext) -> Any:
         """Extra material for the fingerprint (e.g. a digest of input files); None by default."""
         return None
