@@ -20,6 +20,7 @@ from pipeline.engine.store import ShardRef
 
 log = logging.getLogger("lvd")
 SHARD_COL = "_shard"
+READ_CPUS = 0  # reading is I/O: never wait for a CPU the model actors hold
 
 
 def ensure_ray(config: Config) -> None:
@@ -69,14 +70,16 @@ def map_shards(inputs: list[tuple[int, ShardRef]], fn: Callable | type, settings
                              override_num_blocks=len(inputs))
     if only_ok and columns and "status" not in columns:
         columns = [*columns, "status"]
-    ds = ds.map_batches(_read_shard, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
+    # Reading is its own (light) task, one shard per task: given other resources than the map below,
+    # Ray does not fuse the two, so the map's batches are of rows (not of shards) and flow per shard.
+    ds = ds.map_batches(_read_shard, batch_size=1, batch_format="pyarrow", zero_copy_batch=True, num_cpus=READ_CPUS,
                         fn_kwargs={"columns": columns, "only_ok": only_ok})
     is_class = isinstance(fn, type)
     concurrency = settings.concurrency or max(1, int(ray.available_resources().get("CPU", 1) // settings.num_cpus))
+    compute = ray.data.ActorPoolStrategy(size=min(concurrency, len(inputs))) if is_class else None
     ds = ds.map_batches(fn, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=settings.num_cpus,
                         fn_constructor_kwargs=(fn_kwargs or {}) if is_class else None,
-                        fn_kwargs=None if is_class else (fn_kwargs or {}),
-                        concurrency=concurrency if is_class else None)
+                        fn_kwargs=None if is_class else (fn_kwargs or {}), compute=compute)
     yield from _regroup(ds.iter_batches(batch_size=None, batch_format="pyarrow"), inputs, schema)
 
 

@@ -48,3 +48,50 @@ BLURRED_IMAGES_SCHEMA = IMAGES_SCHEMA.append(pa.field("faces", pa.int32())).appe
 def decisions_table(rows: list[dict]) -> pa.Table:
     """Rows of the decisions table, sorted by image_id."""
     return rows_table(rows, DECISIONS_SCHEMA)
+
+
+def embeddings_schema(dim: int | None = None) -> pa.Schema:
+    """image_id, source, kind, the L2-normalised float16 vector (fixed size ``dim``), the model spec."""
+    vec = pa.list_(pa.float16(), dim) if dim else pa.list_(pa.float16())
+    return pa.schema([
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("embedding", vec),
+        pa.field("model", pa.string()),
+    ])
+
+
+CLUSTERS_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("cluster", pa.int32(), nullable=False),          # level-1 (finest) cluster
+    pa.field("similarity", pa.float32()),                      # cosine to its centroid
+    pa.field("clusters", pa.list_(pa.int32())),                # every level, finest first (hierarchical)
+])
+
+RETRIEVAL_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),         # the retrieved uncurated image
+    pa.field("source", pa.string(), nullable=False),           # its source
+    pa.field("query_source", pa.string(), nullable=False),     # the curated source that retrieved it
+    pa.field("query_id", pa.string()),                         # the curated image (null: cluster-level hit)
+    pa.field("rank", pa.int32()),
+    pa.field("similarity", pa.float32()),
+    pa.field("method", pa.string()),                           # sample | cluster
+    pa.field("cluster", pa.int32()),
+])
+
+PROVENANCE = pa.struct([("query_source", pa.string()), ("query_id", pa.string()), ("rank", pa.int32()),
+                        ("similarity", pa.float32()), ("method", pa.string())])
+
+DATASET_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("image", pa.binary()),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("origin", pa.string(), nullable=False),           # curated | retrieved
+    pa.field("url", pa.string()),
+    pa.field("cluster", pa.int32()),                           # null for curated images
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("retrieved_by", pa.list_(PROVENANCE)),            # every query that retrieved it
+])

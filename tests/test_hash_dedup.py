@@ -91,3 +91,10 @@ def test_phash_method_same_search_and_grouping(corpus, ray_session):
     by_name = _check(eng, truth)
     assert by_name["brick-copy.jpg"]["reason"] == "exact_duplicate" or by_name["brick.jpg"]["reason"] == "exact_duplicate"
     assert str(np.load(__import__("io").BytesIO(eng.read_artifact("hash_dedup", "hash_model.npz")))["method"]) == "phash"
+
+
+def test_pca_fitted_on_a_sample_hashes_the_rest_in_a_second_pass(corpus, ray_session):
+    root, truth = corpus
+    eng = _engine(root, pca_sample=45)  # fewer than the 60 images: the codes come from a second Ray pass
+    eng.ensure("hash_dedup")
+    _check(eng, truth)

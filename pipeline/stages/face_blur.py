@@ -14,8 +14,11 @@ class FaceBlurBatch:
 
     def __init__(self, detector: str, model: str | None, margin: float, min_size: int, score_threshold: float,
                  encode_format: str, encode_quality: int):
+        import cv2
+
         from pipeline.filters.faces import FaceDetector
 
+        cv2.setNumThreads(1)  # the actor reserves one CPU; OpenCV would otherwise use every core
         self.detector = FaceDetector(detector, model, min_size=min_size, score_threshold=score_threshold)
         self.margin, self.fmt, self.quality = margin, encode_format, encode_quality
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.engine import Shard, Stage, StageContext, register
-from pipeline.hashing import codes_batch, fit_pca, hamming, thumbnails_batch
+from pipeline.hashing import codes_batch, fit_pca, hamming, pca_hash, thumbnails_batch
 from pipeline.neardup import group, near_duplicate_pairs, representatives
 from pipeline.raydata import ensure_ray, map_shards
 from pipeline.tables import DECISIONS_SCHEMA
@@ -109,20 +109,26 @@ class HashDedup(Stage):
         ensure_ray(ctx.config)
         refs = [(i, ref) for i, ref in enumerate(self._inputs(ctx))]
         mean = comps = None
+        by_id: dict[str, bytes | None] = {}
         if cfg.method == "pca":
-            sample = frozenset(cat["image_id"].to_pylist()[: cfg.pca_sample])  # ids are hashes: a uniform sample
+            ids = cat["image_id"].to_pylist()
+            sample = frozenset(ids[: cfg.pca_sample])  # ids are hashes: a uniform sample
             thumb_schema = pa.schema([("image_id", pa.string()), ("thumb", pa.binary())])
             got = [t for _, t in map_shards(refs, thumbnails_batch, cfg, thumb_schema, columns=["image_id", "image"],
                                             only_ok=True, fn_kwargs={"size": cfg.thumb_size, "wanted": sample})]
-            thumbs = pa.concat_tables(got).sort_by("image_id")["thumb"].to_pylist()
-            mean, comps = fit_pca(np.stack([np.frombuffer(t, np.uint8) for t in thumbs]), cfg.bits)
+            thumbs = pa.concat_tables(got).sort_by("image_id")
+            matrix = np.stack([np.frombuffer(t, np.uint8) for t in thumbs["thumb"].to_pylist()])
+            mean, comps = fit_pca(matrix, cfg.bits)
+            if len(sample) == len(ids):  # the sample is everything: hash it here, no second decoding pass
+                by_id = dict(zip(thumbs["image_id"].to_pylist(), (c.tobytes() for c in pca_hash(matrix, mean, comps))))
         ctx.write_artifact("hash_model.npz", _model_bytes(cfg.method, cfg.thumb_size, mean, comps))
-        code_schema = pa.schema([("image_id", pa.string()), ("code", pa.binary())])
-        got = [t for _, t in map_shards(refs, codes_batch, cfg, code_schema, columns=["image_id", "image"], only_ok=True,
-                                        fn_kwargs={"method": cfg.method, "size": cfg.thumb_size, "mean": mean,
-                                                   "comps": comps})]
-        table = pa.concat_tables(got)
-        by_id = dict(zip(table["image_id"].to_pylist(), table["code"].to_pylist()))
+        if not by_id:
+            code_schema = pa.schema([("image_id", pa.string()), ("code", pa.binary())])
+            got = [t for _, t in map_shards(refs, codes_batch, cfg, code_schema, columns=["image_id", "image"],
+                                            only_ok=True, fn_kwargs={"method": cfg.method, "size": cfg.thumb_size,
+                                                                     "mean": mean, "comps": comps})]
+            table = pa.concat_tables(got)
+            by_id = dict(zip(table["image_id"].to_pylist(), table["code"].to_pylist()))
         nbytes = (64 if cfg.method == "phash" else cfg.bits) // 8
         blank = bytes(nbytes)
         raw = [by_id.get(i) for i in cat["image_id"].to_pylist()]
