@@ -363,3 +363,27 @@ class Embedder:
         if rows:
             out[rows] = self.embed_tensor(torch.stack(tensors))
         return out
+
+
+def embedding_dim(spec: str | ModelSpec) -> int:
+    """The output dimension of a spec's model, without loading its weights (configs / meta device)."""
+    spec = parse_spec(spec)
+    if spec.family == "open_clip":
+        import open_clip
+
+        cfg = open_clip.get_model_config(spec.arch)
+        if cfg is None:
+            raise ValueError(f"unknown open_clip model {spec.arch!r}")
+        return int(cfg["embed_dim"])
+    if spec.family == "timm":
+        import timm
+
+        with torch.device("meta"):
+            return int(timm.create_model(spec.arch, pretrained=False, num_classes=0).num_features)
+    if spec.arch != AUTO:
+        from model.layers.vit import build_backbone
+
+        with torch.device("meta"):
+            return int(build_backbone(spec.arch).embed_dim)
+    sd = torch.load(spec.checkpoint, map_location="meta", mmap=True, weights_only=True)
+    return int(extract_backbone_state_dict(sd)["cls_token"].shape[-1])

@@ -10,7 +10,9 @@ from typing import Any, ClassVar, Iterator
 import pyarrow as pa
 
 from pipeline.digest import sha256_file
-from pipeline.engine import Shard, Stage, StageContext
+from pathlib import Path
+
+from pipeline.engine import Shard, Stage, StageContext, StageError
 from pipeline.raydata import ensure_ray, map_shards
 
 RAY_ONLY = frozenset({"batch_size", "concurrency", "num_cpus"})  # how fast, not what: not fingerprinted
@@ -30,8 +32,11 @@ class PerImageStage(Stage):
 
     def config_for_fingerprint(self, ctx: StageContext) -> dict:
         cfg = super().config_for_fingerprint(ctx)
-        if cfg.get("model"):
-            cfg["model"] = "sha256:" + sha256_file(cfg["model"])  # the weights, not where they lie
+        model = getattr(ctx.section, "model", None)
+        if isinstance(model, Path):
+            if not model.is_file():
+                raise StageError(f"{self.name}.model: {model} does not exist (give the path of the ONNX weights)")
+            cfg["model"] = "sha256:" + sha256_file(model)  # the weights, not where they lie
         return cfg
 
     def plan(self, ctx: StageContext) -> list[Shard]:
