@@ -1,7 +1,7 @@
 """Vector-algorithm benchmark: our copy detection, retrieval and k-means against what they rest on.
 
     .venv/bin/python benchmarks/vectors.py [--n 200000] [--dim 256] [--queries 10000] [--out benchmarks/out]
-                                           [--repeats 1] [--kmeans-k 1000] [--kmeans-iters 10] [--sklearn-n N]
+                                           [--repeats 2] [--kmeans-k 1000] [--kmeans-iters 10] [--sklearn-n N]
 
 One run:
 1. generates n random-but-clustered L2-normalised vectors deterministically (numpy seed 0):
@@ -27,8 +27,10 @@ One run:
 
 Each timing is the minimum over ``--repeats`` runs (ours and bare alternate). The load average
 before and after is recorded: on a shared machine other processes skew the figures, and OpenMP's
-busy-waiting threads (FAISS, scikit-learn) suffer most; ``OMP_WAIT_POLICY=PASSIVE`` in the
-environment steadies them there (its value is recorded too).
+busy-waiting threads (FAISS, scikit-learn) suffer most — on this shared 2-core machine a run
+could take 3× longer one minute than the next. So the script sets ``OMP_WAIT_POLICY=PASSIVE``
+(threads sleep instead of spinning while they wait) before FAISS or scikit-learn load, for every
+side alike; ``--omp-wait-policy ""`` leaves the environment as it is. The value is recorded.
 """
 from __future__ import annotations
 
@@ -40,6 +42,11 @@ import platform
 import sys
 import time
 from pathlib import Path
+
+if __name__ == "__main__":  # must precede loading libgomp (FAISS, scikit-learn): read once at start-up
+    _policy = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--omp-wait-policy=")), "PASSIVE")
+    if _policy and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = _policy
 
 import numpy as np
 
@@ -216,10 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=256, help="dimension (default 256)")
     p.add_argument("--queries", type=int, default=10_000, help="retrieval queries (default 10000)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="output folder (default benchmarks/out)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per timing, minimum kept (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per timing, minimum kept (default 2)")
     p.add_argument("--copy-index", default="ivf", choices=("auto", "flat", "ivf"), help="copy_dedup index (default ivf)")
     p.add_argument("--retrieval-index", default="auto", choices=("auto", "flat", "ivf"),
                    help="retrieval index (default auto: flat at 200k)")
+    p.add_argument("--omp-wait-policy", default="PASSIVE",
+                   help='OMP_WAIT_POLICY for this run unless already set (default PASSIVE; "" = leave it); '
+                        "pass as --omp-wait-policy=VALUE")
     p.add_argument("--kmeans-k", type=int, default=1000)
     p.add_argument("--kmeans-iters", type=int, default=10)
     p.add_argument("--sklearn-n", type=int, default=None, help="rows for scikit-learn's KMeans (default all)")

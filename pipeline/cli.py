@@ -58,6 +58,22 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pipeline.explain import explain, format_trail
+
+    trail = explain(Engine(_config(args), show_progress=False), args.image)
+    print(json.dumps(trail, indent=2, default=str) if args.json else format_trail(trail))
+    return 0 if trail.get("ingest") else 1
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from pipeline.embedding import fetch_weights, parse_spec
+
+    path = fetch_weights(parse_spec(args.spec))
+    print(f"{args.spec}: weights at {path}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _config(args)  # validate before starting anything
     from flows.serve import serve  # the one upward import: `lvd serve` is the Prefect entry point
@@ -100,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="a JSON list of {stage,state,fingerprint,rows,path,seconds}")
     sp.set_defaults(func=cmd_status)
 
+    sp = with_config(sub.add_parser("explain", help="one image's whole trail: fetched, filtered, clustered, retrieved"))
+    sp.add_argument("image", help="an image_id or a URL")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_explain)
+
+    models = sub.add_parser("models", help="model weights").add_subparsers(dest="models_command", required=True)
+    sp = models.add_parser("fetch", help="download a spec's weights into the library's cache (on a connected machine)")
+    sp.add_argument("spec", help="e.g. open_clip:ViT-H-14:laion2b_s32b_b79k")
+    sp.set_defaults(func=cmd_models_fetch)
+
     sp = with_config(sub.add_parser("serve", help="serve the Prefect deployments of this config"))
     sp.set_defaults(func=cmd_serve)
 
@@ -119,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (ConfigError, StageError, FileNotFoundError) as err:
+    except (ConfigError, StageError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"lvd: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
