@@ -35,12 +35,22 @@ def format_status_table(rows: list[StageStatus]) -> str:
     return "\n".join(lines)
 
 
+def config_notes(cfg: Config) -> list[str]:
+    """Warnings a user must see beside the status table (e.g. random embedding weights)."""
+    notes = []
+    if cfg.embed.model.strip().endswith(":none"):
+        notes.append(f"note: embed uses RANDOM weights ({cfg.embed.model}, pretrained: none): clusters and "
+                     "retrieval are not meaningful; real runs name real weights (see `lvd models fetch`)")
+    return notes
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    rows = Engine(_config(args), show_progress=False).status_all()
+    cfg = _config(args)
+    rows = Engine(cfg, show_progress=False).status_all()
     if args.json:
         print(json.dumps([{k: r.as_dict()[k] for k in STATUS_KEYS} | {"counts": r.counts} for r in rows], indent=2))
     else:
-        print(format_status_table(rows))
+        print("\n".join([format_status_table(rows), *config_notes(cfg)]))
     return 0
 
 

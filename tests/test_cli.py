@@ -64,3 +64,21 @@ def test_missing_input_says_what_to_fix(tmp_path):
     cfg.write_text("root: out\nsources: {uncurated: [{name: web, urls: nowhere.txt}]}\n")
     out = _lvd("run", "--config", str(cfg))
     assert out.returncode == 2 and "nowhere.txt" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_status_says_when_embedding_weights_are_random(tmp_path):
+    cfg = _config(tmp_path)
+    cfg.write_text(cfg.read_text() + "embed: {model: 'open_clip:ViT-B-32:none'}\n")
+    out = _lvd("status", "--config", str(cfg))
+    assert out.returncode == 0 and "RANDOM weights" in out.stdout
+
+
+def test_explain_prints_an_images_trail(tmp_path):
+    cfg = _config(tmp_path)
+    assert _lvd("stage", "ingest", "--config", str(cfg)).returncode == 0
+    url = (tmp_path / "imgs" / "1.png").resolve().as_uri()
+    out = _lvd("explain", "--config", str(cfg), url)
+    assert out.returncode == 0, out.stderr
+    assert "ingest: mine (curated)" in out.stdout and "→ ok" in out.stdout
+    missing = _lvd("explain", "--config", str(cfg), "http://example.com/nothing.jpg")
+    assert missing.returncode == 1 and "not in any source" in missing.stdout
