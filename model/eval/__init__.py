@@ -1,0 +1,1 @@
+"""Evaluation on frozen features: kNN (and, later, linear probes)."""
