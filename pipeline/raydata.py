@@ -80,7 +80,9 @@ def map_shards(inputs: list[tuple[int, ShardRef]], fn: Callable | type, settings
     ds = ds.map_batches(fn, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=settings.num_cpus,
                         fn_constructor_kwargs=(fn_kwargs or {}) if is_class else None,
                         fn_kwargs=None if is_class else (fn_kwargs or {}), compute=compute)
-    yield from _regroup(ds.iter_batches(batch_size=None, batch_format="pyarrow"), inputs, schema)
+    # prefetch_batches=0: hand each block over as soon as Ray Data has it (the default prefetching held
+    # every output back to the end of the run here), so finished shards are written while others compute.
+    yield from _regroup(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0), inputs, schema)
 
 
 def _regroup(batches: Iterator[pa.Table], inputs: list[tuple[int, Any]], schema: pa.Schema) -> Iterator[tuple[int, pa.Table]]:
