@@ -208,7 +208,7 @@ class RetrieveConfig(RetrieveSourceConfig):
 
 
 class DatasetConfig(Strict):
-    shard_rows: int | None = Field(None, ge=1, description="rows per dataset shard; null = engine.shard_rows")
+    """The dataset stage has no settings yet: its shards mirror the image shards it reads."""
 
 
 class EngineConfig(Strict):
