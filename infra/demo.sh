@@ -83,7 +83,7 @@ cat <<MSG
 [lvd] outputs:      runs/demo   (stage shards under runs/demo/stages/<stage>/<fingerprint>/)
 [lvd] Prefect UI:   $PREFECT_UI_URL   (flow runs, per-stage count tables under Artifacts)
 [lvd] Ray:          stages run on a local Ray instance inside the flow run (RAY_ADDRESS selects a cluster);
-                    for the Ray dashboard start \`ray start --head --dashboard-host 127.0.0.1\` first and export RAY_ADDRESS=auto
+                    (the Ray dashboard is not served yet: it needs Ray's default extra)
 MSG
 [ "$rc" = 0 ] || lvd_log "the flow run did not complete (exit $rc); its logs are in the Prefect UI and runs/logs/"
 exit "$rc"
