@@ -178,7 +178,7 @@ def actor_threads_probe(num_cpus: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Benchmark the embed stage on Ray Data against a plain torch loop.")
-    p.add_argument("--images", type=int, default=400, help="number of images (default 400)")
+    p.add_argument("--images", type=int, default=1200, help="number of images (default 1200: enough for actor start-up to amortise)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"embed.model spec (default {DEFAULT_MODEL}: random weights)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="output folder (default benchmarks/out)")
     p.add_argument("--shard-rows", type=int, default=None,

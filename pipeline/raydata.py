@@ -76,7 +76,10 @@ def map_shards(inputs: list[tuple[int, ShardRef]], fn: Callable | type, settings
                         fn_kwargs={"columns": columns, "only_ok": only_ok})
     is_class = isinstance(fn, type)
     concurrency = settings.concurrency or max(1, int(ray.available_resources().get("CPU", 1) // settings.num_cpus))
-    compute = ray.data.ActorPoolStrategy(size=min(concurrency, len(inputs))) if is_class else None
+    # One task in flight per actor: an actor's finished shard is handed back before it starts the next
+    # (with several queued, outputs were held back until the end of the run).
+    compute = ray.data.ActorPoolStrategy(size=min(concurrency, len(inputs)), max_tasks_in_flight_per_actor=1) \
+        if is_class else None
     ds = ds.map_batches(fn, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=settings.num_cpus,
                         fn_constructor_kwargs=(fn_kwargs or {}) if is_class else None,
                         fn_kwargs=None if is_class else (fn_kwargs or {}), compute=compute)
