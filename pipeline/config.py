@@ -177,6 +177,7 @@ class ClusterConfig(Strict):
 
     n_clusters: int = Field(100_000, ge=1, description="paper: 100,000; capped at the number of images")
     niter: int = Field(20, ge=1)
+    nredo: int = Field(1, ge=1, description="k-means restarts; the best objective is kept (guards against bad seeds)")
     seed: int = 0
     hierarchical: bool = Field(False, description="Vo et al. 2024: k-means on centroids, level by level")
     levels: list[int] = Field(default_factory=list, description="cluster counts per level above the first, e.g. [1000, 100]")

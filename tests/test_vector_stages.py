@@ -5,6 +5,7 @@ registry by stand-ins that emit planted vectors, so the test knows exactly what 
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterator
 
@@ -53,7 +54,7 @@ def planted():
 
 
 VECTORS = planted()
-ID = {name: f"{abs(hash(name)) % 16**8:08x}{name}" for vecs in VECTORS.values() for name in vecs}  # hex-prefixed ids
+ID = {name: hashlib.sha256(name.encode()).hexdigest() for vecs in VECTORS.values() for name in vecs}  # stable ids
 
 
 class FakeEmbed(Stage):
@@ -102,7 +103,7 @@ def engine(tmp_path) -> Engine:
                         "sources": {"uncurated": [{"name": "web", "images": "x"}], "curated": [{"name": "cur", "images": "x"}],
                                     "eval": [{"name": "ev", "images": "x"}]},
                         "engine": {"shard_rows": 16}, "copy_dedup": {"k": 8},
-                        "cluster": {"n_clusters": 4, "seed": 0},
+                        "cluster": {"n_clusters": 4, "seed": 0, "nredo": 3},
                         "retrieve": {"method": "cluster", "min_hits": 3, "per_cluster": 5}}, base=tmp_path)
     return Engine(cfg, show_progress=False, registry=registry)
 

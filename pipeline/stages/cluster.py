@@ -53,12 +53,12 @@ class Cluster(Stage):
         if cfg.hierarchical:
             sizes = [k] + [min(c, k) for c in cfg.levels]
             levels = hierarchical_kmeans(v.x, sizes, niter=cfg.niter, resampling_steps=cfg.resampling_steps,
-                                         seed=cfg.seed)
+                                         seed=cfg.seed, nredo=cfg.nredo)
             centroids = [lv.centroids for lv in levels]
             assign = [lv.assign for lv in levels]
             sim = levels[0].input_sim
         else:
-            c, a, sim = spherical_kmeans(v.x, k, niter=cfg.niter, seed=cfg.seed)
+            c, a, sim = spherical_kmeans(v.x, k, niter=cfg.niter, seed=cfg.seed, nredo=cfg.nredo)
             centroids, assign = [c], [a]
         ctx.log.info("cluster: %d images into %d clusters (%s)", n, k,
                      " / ".join(str(len(c)) for c in centroids))
