@@ -94,9 +94,27 @@ def test_phash_method_same_search_and_grouping(corpus, ray_session):
 
 
 def test_pca_fitted_on_a_sample_hashes_the_rest_in_a_second_pass(corpus, ray_session):
+    """Fewer sample images than images: codes come from a second Ray pass with the stored projection.
+
+    Which 45 images form the sample depends on the ids (hashes of the tmp paths), so ground truth is
+    only checked loosely here (no distinct images merged, most duplicates found); the exact check is
+    that every recorded Hamming distance is reproduced from the stored projection.
+    """
+    import io
+
+    from pipeline.hashing import hamming, pca_hash, thumbnail
+
     root, truth = corpus
-    # Fewer than the 60 images: the codes come from a second Ray pass. Which 45 form the sample depends
-    # on the ids (hashes of the tmp paths), so the radius has some slack (distinct images are >= 21 apart).
-    eng = _engine(root, pca_sample=45, radius=14)
+    eng = _engine(root, pca_sample=45)
     eng.ensure("hash_dedup")
-    _check(eng, truth)
+    model = np.load(io.BytesIO(eng.read_artifact("hash_dedup", "hash_model.npz")))
+    images = {r["image_id"]: r for r in eng.read_table("ingest", columns=["image_id", "url", "image"]).to_pylist()}
+    code = {i: pca_hash(thumbnail(r["image"], 16)[None], model["mean"], model["components"])[0]
+            for i, r in images.items()}
+    rows = eng.read_table("hash_dedup").to_pylist()
+    removed = [r for r in rows if r["decision"] == "removed"]
+    label = {i: truth[Path(r["url"]).name] for i, r in images.items()}
+    assert all(label[r["image_id"]] == label[r["ref_id"]] for r in removed)  # precision 1: nothing distinct merged
+    assert len(removed) >= 0.9 * (len(truth) - len(set(truth.values())))
+    for r in removed:
+        assert r["score"] == float(hamming(code[r["image_id"]], code[r["ref_id"]]))
