@@ -328,7 +328,26 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / "embed_benchmark.json"
     json_path.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {json_path} (whole run {total_s:.0f}s)")
+    from pipeline.plan import record_result
+
+    print(f"wrote {record_result('embed', plan_figures(report), machine, report['when'])} (read by `lvd plan`)")
     return 0
+
+
+def plan_figures(report: dict) -> dict:
+    """The figures `lvd plan` reads (benchmarks/results/embed.json). The CPU FLOP rate comes from the
+    plain loop alone (no reading, no model load) over its torch threads, with FLOPs counted from the
+    model's architecture."""
+    from pipeline.plan import embedding_flops
+
+    s, settings = report["results"]["summary"], report["settings"]
+    flops = embedding_flops(settings["model"])
+    threads = settings["plain_torch_threads"]
+    loop_ips = s["plain_loop_only_images_per_s"] or s["plain_images_per_s"]
+    workers = report["results"]["ray"]["ray_worker_slots"]
+    return {"model": settings["model"], "images": s["images"], "images_per_s": s["ray_images_per_s"],
+            "workers": workers, "core_s_per_image": round(s["ray_s"] * workers / s["images"], 6),
+            "flops_per_image": flops, "flops_per_core_s": round(flops * loop_ips / threads)}
 
 
 if __name__ == "__main__":

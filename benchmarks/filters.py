@@ -665,7 +665,22 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / "filters_benchmark.json"
     json_path.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {json_path}")
+    from pipeline.plan import record_result
+
+    print(f"wrote {record_result('filters', plan_figures(report), machine, report['when'])} (read by `lvd plan`)")
     return 0
+
+
+def plan_figures(report: dict) -> dict:
+    """Per stage, the figures `lvd plan` reads (benchmarks/results/filters.json): core-seconds per image =
+    Ray wall time x the worker slots the stage held ÷ images."""
+    out = {}
+    for name, r in report["results"].items():
+        s = r["summary"]
+        out[name] = {"images": s["images"], "images_per_s": s["ray_images_per_s"], "workers": s["ray_workers"],
+                     "core_s_per_image": round(s["ray_s"] * s["ray_workers"] / s["images"], 6),
+                     "tree_cpu_s_per_image": round(s["ray_tree_cpu_s"] / s["images"], 6)}
+    return out
 
 
 if __name__ == "__main__":

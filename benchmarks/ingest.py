@@ -41,6 +41,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+from pipeline.plan import record_result  # noqa: E402 - light: no torch, no FAISS
+
 LVD = REPO / ".venv" / "bin" / "lvd"
 SERVER_PY = REPO / ".venv" / "bin" / "python"
 
@@ -702,7 +706,18 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / "ingest_benchmark.json"
     json_path.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {json_path}")
+    if ours_res.ok:
+        print(f"wrote {record_result('ingest', plan_figures(report), machine, report['when'])} (read by `lvd plan`)")
     return 0 if ours_res.ok else 1
+
+
+def plan_figures(report: dict) -> dict:
+    """Our ingest figures as `lvd plan` reads them (benchmarks/results/ingest.json)."""
+    ours = report["results"]["ours"]
+    return {"images": ours["images_ok"], "images_per_s": ours["images_per_s"],
+            "core_s_per_image": round(ours["cpu_s"] / ours["images_ok"], 6), "peak_rss_mib": ours["peak_rss_mib"],
+            "stored_kib_per_image": ours["detail"]["out_image_kib_mean"], "max_side": report["settings"]["max_side"],
+            "source_kib_median": report["images"]["kib"]["median"]}
 
 
 if __name__ == "__main__":

@@ -316,6 +316,12 @@ def main() -> int:
     args.out.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
                                     "machine": {"cpus": os.cpu_count(), "cpu": cpu_model()},
                                     "results": results, "best": best, "ratio": ratio, "lightly": why}, indent=2, default=str))
+    from pipeline.plan import record_result
+
+    record_result("train_step", {"arch": args.arch, "patch": args.patch, "batch": args.batch, "dtype": args.dtype,
+                                 "images_per_s": best["ours"]["images_per_s"],
+                                 "lightly_images_per_s": best.get("lightly", {}).get("images_per_s"), "ratio": ratio},
+                  {"nproc": os.cpu_count(), "cpu_model": cpu_model()})
     return 0
 
 

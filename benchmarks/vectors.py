@@ -258,7 +258,32 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "vectors_benchmark.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
+    from pipeline.plan import record_result
+
+    print(f"wrote {record_result('vectors', plan_figures(report), report['machine'])} (read by `lvd plan`)")
     return 0
+
+
+def plan_figures(report: dict) -> dict:
+    """Per vector stage, the FAISS FLOP rate `lvd plan` scales with (benchmarks/results/vectors.json):
+    FLOPs counted by pipeline.plan's models of the run ÷ our seconds ÷ FAISS threads."""
+    from pipeline.plan import kmeans_flops, search_flops
+    from pipeline.vectors.index import default_nlist, default_pq_m
+
+    a, threads = report["args"], report["machine"]["faiss_threads"]
+    n, d, spec = a["n"], a["dim"], IndexSpec()
+    nlist, pq_m = default_nlist(n, min(n, spec.train_sample)), default_pq_m(d)
+    out = {}
+    for r in report["results"]:
+        if r["task"].startswith("copy_dedup"):
+            name, flops = "copy_dedup", search_flops(r["index"], n, n, d, nlist, spec.nprobe, pq_m)
+        elif r["task"].startswith("retrieve"):
+            name, flops = "retrieve", search_flops(r["index"], n, a["queries"], d, nlist, spec.nprobe, pq_m)
+        else:
+            name, flops = "cluster", kmeans_flops(n, a["kmeans_k"], d, a["kmeans_iters"])
+        out[name] = {"task": r["task"], "index": r.get("index"), "n": n, "d": d, "seconds": round(r["ours_s"], 3),
+                     "threads": threads, "flops": flops, "flops_per_core_s": round(flops / r["ours_s"] / threads)}
+    return out
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ registry: a stage plugs in by registering, nothing here names a stage.
 """
 from __future__ import annotations
 
+import json
+
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging.handlers import APILogHandler
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.artifacts import publish_status
+from flows.artifacts import publish_status, publish_summary
 from pipeline.config import load_config
 from pipeline.engine import Engine, StageError, stage_names
 
@@ -66,6 +68,8 @@ def ensure_stage(stage: str, config: str, force: bool = False) -> dict[str, Any]
         engine = Engine(load_config(config), show_progress=False)
         status = engine.ensure(stage, force=force).as_dict()
     publish_status(engine.config.name, status)
+    if "summary.json" in engine.stage(stage).artifacts and status["state"] == "done":  # dataset, train, distill
+        publish_summary(engine.config.name, stage, json.loads(engine.read_artifact(stage, "summary.json")))
     get_run_logger().info("%s: %s, %s rows (%s)", stage, status["state"], status["rows"],
                           "computed" if status["computed"] else "cached")
     return status

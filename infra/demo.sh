@@ -2,9 +2,12 @@
 # The end-to-end demo, all on 127.0.0.1: build and serve the demo web corpus, start a local
 # Prefect server and the deployments of configs/demo.yaml, run `curate-and-train/demo` and
 # print the stage table. Run it twice: the second run is served from the cache (0 requests).
+# Also started: a local Ray head with the Ray dashboard (the flow's stages join it) and
+# `lvd dashboard` (the run explorer; each stage's Prefect artifact links to its page).
 #   bash infra/demo.sh          stop everything it started when done (or on Ctrl-C)
 #   bash infra/demo.sh --keep   leave the servers running (stop with: bash infra/serve.sh stop)
-# Env: PREFECT_PORT (default 4200), LVD_CORPUS_PORT (default 8765).
+# Env: PREFECT_PORT (default 4200), LVD_CORPUS_PORT (default 8765), LVD_DASHBOARD_PORT (8777),
+#      RAY_DASHBOARD_PORT (8265), RAY_HEAD_PORT (6390); RAY_ADDRESS set: use that cluster instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +15,7 @@ KEEP=0
 for arg in "$@"; do
   case "$arg" in
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "demo.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -25,6 +28,11 @@ CORPUS_DIR=runs/demo-corpus
 CORPUS_PORT=${LVD_CORPUS_PORT:-8765}
 CORPUS_URL=http://127.0.0.1:$CORPUS_PORT
 ACCESS_LOG=$CORPUS_DIR/access.log
+DASHBOARD_PORT=${LVD_DASHBOARD_PORT:-8777}
+export LVD_DASHBOARD_URL=${LVD_DASHBOARD_URL:-http://127.0.0.1:$DASHBOARD_PORT}   # the artifacts link here
+RAY_DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+RAY_HEAD_PORT=${RAY_HEAD_PORT:-6390}
+RAY_DASHBOARD_URL=http://127.0.0.1:$RAY_DASHBOARD_PORT
 
 finish() {
   local rc=$?
@@ -37,7 +45,7 @@ finish() {
       && lvd_log "cancelled flow run $run_id" || true
   fi
   if [ "$KEEP" = 1 ]; then
-    lvd_log "servers left running: Prefect UI $PREFECT_UI_URL, demo corpus $CORPUS_URL"
+    lvd_log "servers left running: Prefect UI $PREFECT_UI_URL, lvd dashboard $LVD_DASHBOARD_URL, demo corpus $CORPUS_URL"
     lvd_log "stop them with: bash infra/serve.sh stop"
   else
     lvd_stop_started
@@ -59,11 +67,40 @@ else
 fi
 requests_before=$(count_requests)
 
-# 2. Prefect server + the serving process of the demo config.
+# 2. A local Ray head with the Ray dashboard; the flow runs join it through RAY_ADDRESS. Ray enables
+#    token authentication for it: the browser asks for the token (`.venv/bin/ray get-auth-token`).
+if [ -n "${RAY_ADDRESS:-}" ]; then
+  lvd_log "stages run on the Ray cluster at $RAY_ADDRESS (its dashboard is wherever that cluster serves it)"
+  RAY_DASHBOARD_URL="(the dashboard of the cluster at $RAY_ADDRESS)"
+else
+  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}   # the head and every process joining it agree on it
+  if lvd_pid ray-head >/dev/null; then
+    lvd_log "the Ray head of an earlier demo is running (dashboard $RAY_DASHBOARD_URL)"
+  else
+    lvd_http_ok "$RAY_DASHBOARD_URL/" && lvd_die "port $RAY_DASHBOARD_PORT is taken by another Ray dashboard (set RAY_DASHBOARD_PORT, or RAY_ADDRESS to use that cluster)"
+    ray_cpus=$("$LVD_BIN/python" -c 'import os, sys; from pipeline.config import load_config; print(load_config(sys.argv[1]).ray.num_cpus or os.cpu_count())' "$CONFIG")
+    lvd_log "starting a local Ray head (port $RAY_HEAD_PORT, $ray_cpus CPUs) with its dashboard on $RAY_DASHBOARD_URL"
+    lvd_start ray-head "$LVD_BIN/ray" start --head --block --port "$RAY_HEAD_PORT" --num-cpus "$ray_cpus" \
+      --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" --disable-usage-stats
+    lvd_wait_http "$RAY_DASHBOARD_URL/" 180 "the Ray dashboard" ray-head
+  fi
+  export RAY_ADDRESS=127.0.0.1:$RAY_HEAD_PORT
+fi
+
+# 3. The run explorer (it indexes each stage's outputs as they appear).
+if lvd_http_ok "$LVD_DASHBOARD_URL/healthz"; then
+  lvd_log "lvd dashboard already answers at $LVD_DASHBOARD_URL"
+else
+  lvd_start lvd-dashboard "$LVD_BIN/lvd" dashboard --config "$CONFIG" --port "$DASHBOARD_PORT"
+  lvd_wait_http "$LVD_DASHBOARD_URL/healthz" 120 "lvd dashboard" lvd-dashboard
+fi
+
+# 4. Prefect server + the serving process of the demo config (started after RAY_ADDRESS is set:
+#    its flow runs inherit it; a serving process left from an earlier --keep run keeps its own).
 lvd_start_prefect_server
 lvd_start_serving "$CONFIG"
 
-# 3. Run the whole DAG through Prefect and watch it.
+# 5. Run the whole DAG through Prefect and watch it.
 lvd_log "running $LVD_DEPLOYMENT (follow it in the UI: $PREFECT_UI_URL)"
 RUN_OUT=$LVD_LOGS/demo-flow-run.txt
 set +e
@@ -71,7 +108,7 @@ set +e
 rc=${PIPESTATUS[0]}
 set -e
 
-# 4. What is on disk now, as the CLI sees it (the same cache the flow used).
+# 6. What is on disk now, as the CLI sees it (the same cache the flow used).
 echo
 "$LVD_BIN/lvd" status --config "$CONFIG" || true
 requests=$(( $(count_requests) - requests_before ))
@@ -81,9 +118,9 @@ cat <<MSG
 
 [lvd] demo corpus server received $requests HTTP request(s) during this run ($why)
 [lvd] outputs:      runs/demo   (stage shards under runs/demo/stages/<stage>/<fingerprint>/)
-[lvd] Prefect UI:   $PREFECT_UI_URL   (flow runs, per-stage count tables under Artifacts)
-[lvd] Ray:          stages run on a local Ray instance inside the flow run (RAY_ADDRESS selects a cluster);
-                    (the Ray dashboard is not served yet: it needs Ray's default extra)
+[lvd] Prefect UI:   $PREFECT_UI_URL   (flow runs, per-stage count tables under Artifacts, each linking to the dashboard)
+[lvd] dashboard:    $LVD_DASHBOARD_URL   (funnel, clusters, map, queries, removed images, provenance)
+[lvd] Ray:          $RAY_DASHBOARD_URL   (jobs, actors, Ray Data; sign in with: .venv/bin/ray get-auth-token)
 MSG
 [ "$rc" = 0 ] || lvd_log "the flow run did not complete (exit $rc); its logs are in the Prefect UI and runs/logs/"
 exit "$rc"

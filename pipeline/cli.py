@@ -76,6 +76,72 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if trail.get("ingest") else 1
 
 
+def _with_section(cfg: Config, section: str, **updates: object) -> Config:
+    """A copy of ``cfg`` with some fields of one section replaced (command-line overrides)."""
+    values = {k: v for k, v in updates.items() if v is not None}
+    if not values:
+        return cfg
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+
+
+def _print_summary(engine: Engine, stage: str) -> None:
+    summary = json.loads(engine.read_artifact(stage, "summary.json"))
+    print(f"{stage}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(summary.items())))
+    print(f"{stage}: exported backbone in {engine.artifact_dir(stage)} (backbone.pth, backbone_timm.pth, model.json)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _with_section(_config(args), "train", workers=args.workers)
+    engine = Engine(cfg)
+    engine.ensure("train", force=args.force)
+    _print_summary(engine, "train")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    cfg = _with_section(_config(args), "distill", workers=args.workers,
+                        teacher=Path(args.teacher).resolve() if args.teacher else None)
+    engine = Engine(cfg)
+    engine.ensure("distill", force=args.force)
+    _print_summary(engine, "distill")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.stages.evaluate import evaluate_export, result_rows
+
+    cfg = _config(args)
+    cfg = _with_section(cfg, "eval", methods=[args.method],
+                        train=Path(args.train).resolve() if args.train else None,
+                        val=Path(args.val).resolve() if args.val else None)
+    if args.backbone:  # a given backbone: evaluate it directly, outside the DAG
+        if cfg.eval.train is None or cfg.eval.val is None:
+            raise ValueError("give --train DIR and --val DIR (or eval.train / eval.val in the config)")
+        res = evaluate_export(args.backbone, cfg.eval.train, cfg.eval.val, cfg.eval)
+        rows = result_rows(str(args.backbone), str(args.backbone), res)
+        if args.out:
+            from model.eval.run import write_results
+
+            write_results(args.out, res)
+    else:
+        engine = Engine(cfg)
+        engine.ensure("eval", force=args.force)
+        res = json.loads(engine.read_artifact("eval", "results.json"))
+        rows = engine.read_table("eval").to_pylist()
+        if "skipped" in res:
+            print(f"lvd: eval skipped: {res['skipped']}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(f"{'MODEL':<10} {'METHOD':<7} {'SETTING':<10} {'TOP1':>7} {'TOP5':>7} {'N_TRAIN':>8} {'N_VAL':>6}")
+        for r in rows:
+            top5 = f"{r['top5']:.4f}" if r.get("top5") is not None else "-"
+            print(f"{r['model'][:10]:<10} {r['method']:<7} {r['setting'][:10]:<10} {r['top1']:>7.4f} {top5:>7} "
+                  f"{r['n_train']:>8} {r['n_val']:>6}")
+    return 0
+
+
 def cmd_models_fetch(args: argparse.Namespace) -> int:
     from pipeline.embedding import fetch_weights, parse_spec
 
@@ -91,6 +157,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lvd")
     serve(str(Path(args.config).resolve()))
     return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from pipeline.dashboard import serve
+
+    serve(_config(args), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.plan import run as run_plan
+
+    return run_plan(_config(args), args)
 
 
 def cmd_demo_corpus(args: argparse.Namespace) -> int:
@@ -136,8 +215,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("spec", help="e.g. open_clip:ViT-H-14:laion2b_s32b_b79k")
     sp.set_defaults(func=cmd_models_fetch)
 
+    sp = with_config(sub.add_parser("train", help="DINOv2 pretraining on the dataset (Ray Train, FSDP2); resumes"))
+    sp.add_argument("--workers", type=int, help="override train.workers")
+    sp.add_argument("--force", action="store_true", help="start over (discard checkpoints)")
+    sp.set_defaults(func=cmd_train)
+
+    sp = with_config(sub.add_parser("distill", help="distil the trained (or a given) teacher into a smaller student"))
+    sp.add_argument("--teacher", help="an `lvd train` export folder (default: this run's train stage)")
+    sp.add_argument("--workers", type=int, help="override distill.workers")
+    sp.add_argument("--force", action="store_true", help="start over (discard checkpoints)")
+    sp.set_defaults(func=cmd_distill)
+
+    sp = with_config(sub.add_parser("eval", help="kNN or linear probe of the trained backbones on labelled folders"))
+    sp.add_argument("method", choices=["knn", "linear"])
+    sp.add_argument("--train", help="labelled ImageFolder to fit on (default eval.train)")
+    sp.add_argument("--val", help="labelled ImageFolder to score on (default eval.val)")
+    sp.add_argument("--backbone", help="evaluate this export folder or official DINOv2 .pth instead of the run's")
+    sp.add_argument("--out", help="with --backbone: write the JSON results here")
+    sp.add_argument("--json", action="store_true", help="print the full JSON results")
+    sp.add_argument("--force", action="store_true")
+    sp.set_defaults(func=cmd_eval)
+
     sp = with_config(sub.add_parser("serve", help="serve the Prefect deployments of this config"))
     sp.set_defaults(func=cmd_serve)
+
+    sp = with_config(sub.add_parser("dashboard", help="browse a run: funnel, clusters, map, queries, removals, provenance"))
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8777, help="port (default 8777)")
+    sp.set_defaults(func=cmd_dashboard)
+
+    from pipeline.plan import add_arguments as plan_arguments
+
+    sp = with_config(sub.add_parser("plan", help="estimate the work per stage at a corpus size, from measured throughputs"))
+    plan_arguments(sp)
+    sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("demo-corpus", help="build (and optionally serve) the demo web corpus")
     sp.add_argument("--out", default="runs/demo-corpus", help="output folder (default runs/demo-corpus)")

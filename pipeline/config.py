@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model.ssl.config import SSLConfig
+
 SOURCE_KINDS = ("uncurated", "curated", "eval")
 Kind = Literal["uncurated", "curated", "eval"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -212,6 +214,73 @@ class DatasetConfig(Strict):
     """The dataset stage has no settings yet: its shards mirror the image shards it reads."""
 
 
+class HighResConfig(Strict):
+    """DINOv2's high-resolution adaptation: the last part of training at larger global crops."""
+
+    fraction: float = Field(0.0, ge=0, lt=1, description="share of the iterations at the end run at high resolution "
+                            "(the paper: a short final phase, e.g. 10k of 625k iterations)")
+    global_crops_size: int = Field(518, ge=14, description="global crop size of that phase (paper: 518)")
+    local_crops_size: int | None = Field(None, ge=14, description="local crop size of that phase; null keeps the usual one")
+
+
+class TrainDataConfig(Strict):
+    """Ray Data pipeline feeding each training worker (decode, multi-crop, masks)."""
+
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per data actor (0 = never waits for a CPU)")
+    concurrency: int = Field(1, ge=1, description="data actors per training worker")
+    prefetch: int = Field(2, ge=0, description="batches prepared ahead of the training step")
+
+
+class RayTrainConfig(Strict):
+    """What `train` and `distill` share: Ray Train workers, FSDP2, checkpoints, monitoring, the SSL recipe."""
+
+    workers: int = Field(2, ge=1, description="Ray Train workers (one process each; gloo on CPU, nccl on GPU)")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl, bf16 FSDP parameters")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per training worker")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch intra-op threads per worker; null = torch's default")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts (from the last checkpoint) before the run fails")
+    fsdp: bool = Field(True, description="shard parameters, gradients and optimizer state with FSDP2 (fully_shard)")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="FSDP parameter dtype: auto = bf16 params + fp32 reduce on GPU, fp32 on CPU")
+    checkpoint_every: int = Field(500, ge=1, description="steps between sharded checkpoints (and one at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    metrics_every: int = Field(10, ge=1, description="steps between logged metrics")
+    knn_every: int = Field(0, ge=0, description="steps between online kNN measurements of the teacher on "
+                           "eval.train/eval.val (0 = off)")
+    knn_max_images: int = Field(2000, ge=1, description="images per split used by the online kNN")
+    highres: HighResConfig = Field(default_factory=HighResConfig)
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig)
+    ssl: SSLConfig = Field(default_factory=SSLConfig, description="the DINOv2 recipe (model/ssl/config.py)")
+
+
+class TrainConfig(RayTrainConfig):
+    """`train`: DINOv2 pretraining (DINO + iBOT + KoLeo) of `ssl.student.arch` on the `dataset` stage."""
+
+
+class DistillConfig(RayTrainConfig):
+    """`distill`: a frozen teacher (the `train` result, or `teacher`) distilled into `ssl.student.arch`."""
+
+    teacher: Path | None = Field(None, description="an export folder of `lvd train` (backbone + heads); "
+                                 "null = this run's `train` stage")
+    ssl: SSLConfig = Field(default_factory=lambda: SSLConfig().with_updates(
+        student={"arch": "vit_small", "drop_path_rate": 0.0}), description="the student's recipe; its head sizes "
+        "are taken from the teacher")
+
+
+class EvalConfig(Strict):
+    """`eval`: kNN and linear probes of the `train` and `distill` backbones on labelled ImageFolders."""
+
+    train: Path | None = Field(None, description="labelled ImageFolder (root/<class>/<image>) the probes fit on")
+    val: Path | None = Field(None, description="labelled ImageFolder the probes are scored on")
+    methods: list[Literal["knn", "linear"]] = Field(default_factory=lambda: ["knn", "linear"])
+    ks: list[int] = Field(default_factory=lambda: [10, 20], description="kNN neighbours")
+    temperature: float = Field(0.07, gt=0, description="kNN vote temperature")
+    crop_size: int = Field(224, ge=14)
+    batch_size: int = Field(64, ge=1)
+    models: list[Literal["train", "distill"]] = Field(default_factory=lambda: ["train", "distill"],
+                                                     description="which stages' backbones to evaluate")
+
+
 class EngineConfig(Strict):
     shard_rows: int = Field(1000, ge=1, description="input rows per output shard")
     verify: Literal["checksum", "size"] = Field(
@@ -241,6 +310,9 @@ class Config(Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     path: Path | None = Field(None, description="set by load_config: the YAML this came from", exclude=True)
 
     @field_validator("root")
@@ -283,6 +355,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     sources = Sources(**{k: [res_source(s) for s in getattr(cfg.sources, k)] for k in SOURCE_KINDS})
     models = {name: getattr(cfg, name).model_copy(update={"model": res(getattr(cfg, name).model)})
               for name in ("nsfw", "face_blur")}
+    models["distill"] = cfg.distill.model_copy(update={"teacher": res(cfg.distill.teacher)})
+    models["eval"] = cfg.eval.model_copy(update={"train": res(cfg.eval.train), "val": res(cfg.eval.val)})
     return cfg.model_copy(update={"root": res(cfg.root), "sources": sources, **models})
 
 

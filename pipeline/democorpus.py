@@ -14,6 +14,7 @@ Layout of ``out``::
     pages.warc.gz    HTML page and image response records
     curated/         curated source (folder of photos)
     eval/<class>/    evaluation images (ImageFolder layout)
+    labelled/{train,val}/<class>/   a small labelled set for kNN / linear probes (class = source photo)
     manifest.json    what was built and the expected ground truth
     access.log       appended by the server, one line per request
 """
@@ -36,9 +37,9 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 DEFAULT_BASE_URL = "http://127.0.0.1:8765"
-MANAGED_DIRS = ("site", "curated", "eval")
+MANAGED_DIRS = ("site", "curated", "eval", "labelled")
 PHOTO_MAX_SIDE = 512
 
 # (name, package, file) in preference order; only those present on disk are used.
@@ -465,6 +466,23 @@ def _add_eval(plan: _Plan, photos) -> None:
     }
 
 
+LABELLED_CLASSES = 6
+LABELLED_PER_CLASS = {"train": 8, "val": 4}
+
+
+def _add_labelled(plan: _Plan, photos) -> None:
+    """Random crops of a few photos, 64 px, one class per photo: what `eval` and the online kNN probe use."""
+    rng = np.random.default_rng(7)
+    for name, _, img in photos[-LABELLED_CLASSES:]:
+        for split, n in LABELLED_PER_CLASS.items():
+            for i in range(n):
+                scale = float(rng.uniform(0.25, 0.6))
+                w, h = max(8, round(img.width * scale)), max(8, round(img.height * scale))
+                x, y = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
+                crop = img.crop((x, y, x + w, y + h)).convert("RGB").resize((64, 64), Image.BICUBIC)
+                plan.files[f"labelled/{split}/{name}/{name}-{i:02d}.jpg"] = encode(crop, "JPEG", 90)
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -499,7 +517,7 @@ def _manifest(plan: _Plan, page_urls: list[str]) -> dict:
         "version": MANIFEST_VERSION,
         "base_url": plan.base_url,
         "paths": {"site": "site", "urls": "urls.txt", "warc": "pages.warc.gz", "curated": "curated",
-                  "eval": "eval", "access_log": "access.log"},
+                  "eval": "eval", "labelled": "labelled", "access_log": "access.log"},
         "counts": {
             "url_lines": len(plan.url_lines), "unique_urls": len(set(plan.url_lines)),
             "site_files": sum(p.startswith("site/") for p in plan.files),
@@ -536,6 +554,7 @@ def plan_corpus(base_url: str) -> tuple[_Plan, dict]:
     plan.files["urls.txt"] = ("\n".join(plan.url_lines) + "\n").encode()
     _add_curated(plan, photos)
     _add_eval(plan, photos)
+    _add_labelled(plan, photos)
     extra = [u.rsplit("/", 1)[1] for u in plan.truth["warc_page_only"]]
     return plan, _manifest(plan, _page_image_urls(plan, photos, extra))
 

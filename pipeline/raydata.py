@@ -36,7 +36,7 @@ def ensure_ray(config: Config) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=config.ray.num_cpus, **kwargs)  # a new instance, never a stray one
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards come back in input order: deterministic output
     ctx.enable_progress_bars = True

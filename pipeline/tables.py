@@ -95,3 +95,18 @@ DATASET_SCHEMA = pa.schema([
     pa.field("height", pa.int32()),
     pa.field("retrieved_by", pa.list_(PROVENANCE)),            # every query that retrieved it
 ])
+
+# train / distill: one row per logged step (worker-averaged loss terms and scheduled values)
+TRAIN_METRICS_SCHEMA = pa.schema([
+    ("step", pa.int64()), ("total", pa.float64()), ("dino", pa.float64()), ("ibot", pa.float64()),
+    ("koleo", pa.float64()), ("lr", pa.float64()), ("wd", pa.float64()), ("momentum", pa.float64()),
+    ("teacher_temp", pa.float64()), ("teacher_entropy", pa.float64()), ("teacher_batch_entropy", pa.float64()),
+    ("images_per_s", pa.float64()), ("knn_top1", pa.float64()), ("global_crops_size", pa.int32()),
+])
+
+# eval: one row per (model, method, setting)
+EVAL_SCHEMA = pa.schema([
+    ("model", pa.string()), ("method", pa.string()), ("setting", pa.string()), ("top1", pa.float64()),
+    ("top5", pa.float64()), ("n_train", pa.int64()), ("n_val", pa.int64()), ("n_classes", pa.int32()),
+    ("checkpoint", pa.string()),
+])

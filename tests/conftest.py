@@ -16,10 +16,54 @@ def ray_session():
     """One local Ray instance for the whole test session (stages reuse it via ensure_ray)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              object_store_memory=500 * 1024 * 1024,
              runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}})  # workers import test helpers
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+DEMO_RUN_YAML = """\
+name: dashdemo
+root: out
+sources:
+  uncurated: [{{name: web, urls: {urls}, warc: ['{warc}']}}]
+  curated: [{{name: cur, images: {curated}}}]
+engine: {{shard_rows: 32}}
+ingest: {{allow_private_addresses: true}}
+hash_dedup: {{radius: 12, concurrency: 1}}
+nsfw: {{threshold: 0.08, concurrency: 1, batch_size: 32}}   # low: a few demo images are removed as NSFW
+face_blur: {{concurrency: 1}}
+embed: {{model: 'open_clip:ViT-B-32:none', batch_size: 32, concurrency: 1}}
+copy_dedup: {{k: 16, threshold: 0.98, eval_threshold: 0.95}}
+cluster: {{n_clusters: 8}}
+retrieve: {{min_hits: 0, per_cluster: 20}}
+"""
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, ray_session):
+    """The curation DAG (ingest … dataset) run once through the engine on the demo corpus served on
+    loopback (as tests/test_pipeline_flow.py builds it), with an NSFW threshold low enough to remove a
+    few images and random embedding weights (as configs/demo.yaml). Returns (config path, corpus)."""
+    from pipeline.config import load_config
+    from pipeline.democorpus import build_demo_corpus, serve_demo_corpus
+    from pipeline.engine import Engine
+
+    root = tmp_path_factory.mktemp("demo-run")
+    with serve_demo_corpus(root / "corpus", port=0) as server:
+        corpus = build_demo_corpus(root / "corpus", base_url=server.url)
+        cfg = root / "demo.yaml"
+        cfg.write_text(DEMO_RUN_YAML.format(urls=corpus.urls, warc=corpus.warc, curated=corpus.curated))
+        Engine(load_config(cfg), show_progress=False).run(until="dataset")
+    return cfg, corpus
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_teacher(tmp_path_factory):
+    """The tiny DINOv2 setting trained once (tests/tinyssl.py): local training and distillation tests share it."""
+    from tinyssl import train_tiny_teacher
+
+    return train_tiny_teacher(tmp_path_factory.mktemp("tiny-photos"))

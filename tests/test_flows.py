@@ -12,7 +12,7 @@ from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_setting
 from prefect.testing.utilities import prefect_test_harness
 
 import flows.curate as curate
-from flows.artifacts import artifact_key, status_rows
+from flows.artifacts import artifact_key, status_description, status_rows
 from pipeline.engine import StageError, StageStatus, stage_names
 from prefect_server import tiny_config
 
@@ -34,6 +34,14 @@ def test_status_rows_summary_then_counts() -> None:
         {"metric": "status=ok", "value": 57},
         {"metric": "status=http_404", "value": 2},
     ]
+
+
+def test_status_description_links_to_the_stage_dashboard_page(monkeypatch) -> None:
+    status = StageStatus("cluster", "done", "f", 3, "/x", 1.0).as_dict()
+    monkeypatch.delenv("LVD_DASHBOARD_URL", raising=False)
+    assert "](http://127.0.0.1:8777/stages/cluster)" in status_description("demo", status)
+    monkeypatch.setenv("LVD_DASHBOARD_URL", "http://127.0.0.1:9000/")
+    assert "](http://127.0.0.1:9000/stages/cluster)" in status_description("demo", status)
 
 
 def test_status_rows_of_missing_stage() -> None:
@@ -84,6 +92,10 @@ def test_curate_and_train_runs_ingest_then_reuses_it(prefect_api, tmp_path) -> N
     assert table["stage"] == "ingest" and table["state"] == "done" and table["rows"] == 3
     assert table["status=ok"] == 3 and table["fingerprint"] == first[0]["fingerprint"]
     assert task_run_id is not None
+    with get_client(sync_client=True) as client:
+        artifact = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lvd-flowtest-ingest"])),
+                                         sort=ArtifactSort.CREATED_DESC, limit=1)[0]
+    assert "/stages/ingest)" in artifact.description  # links to the stage's dashboard page
     APILogHandler().flush()
     with get_client(sync_client=True) as client:
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
@@ -106,3 +118,11 @@ def test_curate_and_train_rejects_unknown_stages(prefect_api, tmp_path) -> None:
         curate.curate_and_train(str(config), force=["no_such_stage"])
     with pytest.raises(StageError):
         curate.curate_and_train(str(config), until="no_such_stage")
+
+
+def test_summary_markdown_lists_every_field() -> None:
+    from flows.artifacts import summary_markdown
+
+    md = summary_markdown("train", {"last_loss": 8.29859, "steps": 20, "arch": "vit_test", "hist": {"a": 1}})
+    assert md.splitlines()[:4] == ["## `train` summary", "", "| field | value |", "|---|---|"]
+    assert "| last_loss | 8.299 |" in md and "| steps | 20 |" in md and "| hist | `{'a': 1}` |" in md

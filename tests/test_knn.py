@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model.eval.knn import knn_accuracy, knn_classify, knn_scores
+from model.eval.knn import knn_accuracy, knn_classify, knn_evaluate, knn_multi_scores, knn_scores, topk_accuracies
 
 
 def test_weighted_vote_beats_majority():
@@ -40,3 +40,55 @@ def test_chunking_is_transparent():
     a = knn_scores(train, labels, test, k=5, num_classes=4, chunk_size=7)
     b = knn_scores(train, labels, test, k=5, num_classes=4)
     torch.testing.assert_close(a, b)
+
+
+def test_multi_k_from_one_search_by_hand():
+    # query [1, 0]; neighbours by cosine: a (1.0, label 0), b (0.6, label 1), c (0.0, label 1)
+    train = torch.tensor([[3.0, 0.0], [0.6, 0.8], [0.0, 2.0]])
+    labels = torch.tensor([0, 1, 1])
+    q = torch.tensor([[1.0, 0.0]])
+    out = knn_multi_scores(train, labels, q, ks=(1, 2, 10), T=0.5, num_classes=2)
+    e = math.exp
+    torch.testing.assert_close(out[1], torch.tensor([[e(2.0), 0.0]]))
+    torch.testing.assert_close(out[2], torch.tensor([[e(2.0), e(1.2)]]))
+    torch.testing.assert_close(out[10], torch.tensor([[e(2.0), e(1.2) + e(0.0)]]))  # k clipped to 3
+    for k in (1, 2, 10):  # the single search equals one search per k
+        torch.testing.assert_close(out[k], knn_scores(train, labels, q, k=k, T=0.5, num_classes=2))
+
+
+def test_one_topk_call_for_all_k(monkeypatch: pytest.MonkeyPatch):
+    calls = []
+    real = torch.Tensor.topk
+
+    def spy(self, k, *args, **kwargs):
+        calls.append(k)
+        return real(self, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "topk", spy)
+    g = torch.Generator().manual_seed(0)
+    knn_multi_scores(torch.randn(30, 4, generator=g), torch.arange(30) % 3, torch.randn(5, 4, generator=g), ks=(10, 20))
+    assert calls == [20]
+
+
+def test_top1_top5_by_hand():
+    # six classes, one training point each on its own axis; the query is nearest to 0, then 1, 2, 3, 4; 5 is last
+    train = torch.eye(6)
+    labels = torch.arange(6)
+    q = torch.tensor([1.0, 0.5, 0.4, 0.3, 0.2, 0.0])
+    test = q.repeat(3, 1)
+    truth = torch.tensor([0, 4, 5])  # top-1 hit; top-5 hit only; both miss
+    res = knn_evaluate(train, labels, test, truth, ks=(10, 20))
+    assert res == {10: {"top1": 1 / 3, "top5": 2 / 3}, 20: {"top1": 1 / 3, "top5": 2 / 3}}
+    assert topk_accuracies(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1])) == {"top1": 0.5}  # < 5 classes
+
+
+def test_knn_errors():
+    train, labels = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="dims differ"):
+        knn_multi_scores(train, labels, torch.randn(2, 5))
+    with pytest.raises(ValueError, match="positive"):
+        knn_multi_scores(train, labels, torch.randn(2, 3), ks=(0,))
+    with pytest.raises(ValueError, match="no training"):
+        knn_multi_scores(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="length"):
+        knn_evaluate(train, labels, torch.randn(2, 3), torch.tensor([0]))

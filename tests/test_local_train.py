@@ -18,107 +18,20 @@ crop comes from; 10 labelled + 10 query crops per photo, random resized crops (s
 colour jitter / grayscale (the invariances SSL should learn). Compared with the same architecture
 at random initialisation (the teacher before training, same seed).
 """
+
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
-import skimage
-import sklearn.datasets
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
-from model.data.augmentations import make_normalize_transform
-from model.eval.knn import extract_features, knn_accuracy
-from model.ssl.config import SSLConfig
-from model.ssl.meta_arch import SSLMetaArch
-from model.train.local import train_local
+from tinyssl import GLOBAL, LOCAL, STEPS, K, mean, tiny_config
 
-SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
-SKLEARN_IMAGES = Path(sklearn.datasets.__file__).parent / "images"
-PHOTOS = [SKIMAGE_DATA / n for n in (
-    "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
-    "retina.jpg", "rocket.jpg", "camera.png", "brick.png", "grass.png", "gravel.png", "moon.png", "coins.png",
-)] + [SKLEARN_IMAGES / "china.jpg", SKLEARN_IMAGES / "flower.jpg"]
-
-STEPS, GLOBAL, LOCAL, K = 300, 56, 28, 256
-
-
-def tiny_config(seed: int = 0) -> SSLConfig:
-    return SSLConfig().with_updates(
-        student={"arch": "vit_test", "patch_size": 14, "drop_path_rate": 0.0, "layerscale": None,
-                 "backbone_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 2}},
-        crops={"global_crops_size": GLOBAL, "local_crops_size": LOCAL, "local_crops_number": 4},
-        dino={"head_n_prototypes": K, "head_hidden_dim": 256, "head_bottleneck_dim": 64},
-        ibot={"head_n_prototypes": K},
-        train={"batch_size_per_gpu": 16, "official_epoch_length": 10, "seed": seed, "centering": "sinkhorn_knopp"},
-        optim={"epochs": STEPS // 10, "warmup_epochs": 3, "lr": 1e-3, "min_lr": 1e-4, "weight_decay_end": 0.1},
-        teacher={"momentum_teacher": 0.99, "warmup_teacher_temp": 0.02, "teacher_temp": 0.02,
-                 "warmup_teacher_temp_epochs": 10},
-        compute={"autocast_dtype": "fp32"},
-    )
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> tuple[Path, list[Image.Image]]:
-    folder = tmp_path_factory.mktemp("photos")
-    images = []
-    for p in PHOTOS:
-        im = Image.open(p).convert("RGB")
-        s = 128 / min(im.size)
-        im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
-        im.save(folder / f"{p.stem}.png")
-        images.append(im)
-    return folder, images
-
-
-def crop_eval_set(images: list[Image.Image], per_class: int = 20, seed: int = 1234):
-    torch.manual_seed(seed)
-    crop = v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(GLOBAL, scale=(0.1, 0.5), antialias=True),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.ToDtype(torch.float32, scale=True),
-        make_normalize_transform(),
-    ])
-    x = torch.stack([crop(im) for im in images for _ in range(per_class)])
-    y = torch.arange(len(images)).repeat_interleave(per_class)
-    labelled = torch.arange(len(y)) % 2 == 0
-    return x, y, labelled
-
-
-def teacher_knn(model: SSLMetaArch, x, y, labelled) -> float:
-    f = extract_features(model.teacher["backbone"], x)
-    return knn_accuracy(f[labelled], y[labelled], f[~labelled], y[~labelled], k=10, T=0.07)
-
-
-@pytest.fixture
-def one_thread():
-    # the ops are tiny: intra-op threading only adds overhead (and thrashes on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def mean(xs) -> float:
-    return sum(xs) / len(xs)
-
-
-def test_tiny_vit_learns_on_real_photos(photos, one_thread):
-    folder, images = photos
-    cfg = tiny_config(seed=0)
-    x, y, labelled = crop_eval_set(images)
-
-    torch.manual_seed(cfg.train.seed)
-    model = SSLMetaArch(cfg)
-    acc_init = teacher_knn(model, x, y, labelled)
-
-    result = train_local(cfg, folder, STEPS, seed=cfg.train.seed, model=model, log_every=0)
-    acc_trained = teacher_knn(result.model, x, y, labelled)
+def test_tiny_vit_learns_on_real_photos(trained_tiny_teacher):
+    t = trained_tiny_teacher
+    result, acc_init, acc_trained = t.result, t.acc_init, t.acc_trained
 
     total = result.series("total")
     first, last = mean(total[:20]), mean(total[-20:])

@@ -103,3 +103,36 @@ def test_dataset_end_to_end(demo, flow_runs):
     # changing a retrieve setting recomputed retrieve and dataset only
     changed = {s["stage"] for s in third if s["computed"]}
     assert changed == {"retrieve", "dataset"}, changed
+
+
+@pytest.fixture(scope="module")
+def trained(demo, flow_runs):
+    """The rest of the DAG — train, distill, eval with the demo config's tiny settings — in the same flow."""
+    import yaml
+
+    cfg, corpus, server = demo
+    demo_yaml = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").read_text())
+    sections = {k: demo_yaml[k] for k in ("train", "distill", "eval")}
+    sections["train"]["ssl"]["optim"]["epochs"] = 2  # 10 steps; the high-resolution phase is the last 2
+    sections["eval"].update(train=str(corpus.root / "labelled" / "train"), val=str(corpus.root / "labelled" / "val"))
+    cfg.write_text(cfg.read_text() + yaml.safe_dump(sections))
+    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}), prefect_test_harness(server_startup_timeout=60):
+        return curate.curate_and_train(str(cfg))
+
+
+def test_curate_and_train_end_to_end(demo, trained):
+    cfg, _, _ = demo
+    assert [s["stage"] for s in trained][-3:] == ["train", "distill", "eval"]
+    assert {s["stage"] for s in trained if s["computed"]} == {"train", "distill", "eval"}  # curation was cached
+    eng = Engine(load_config(cfg), show_progress=False)
+    metrics = eng.read_table("train").to_pylist()
+    assert metrics[-1]["step"] == 9 and metrics[-1]["global_crops_size"] == 70
+    assert any(r["knn_top1"] is not None for r in metrics)  # online kNN on eval.train / eval.val
+    meta = json.loads(eng.read_artifact("train", "model.json"))
+    assert meta["dataset_fingerprint"] == eng.stage_fingerprint("dataset") and meta["arch"] == "vit_test"
+    assert json.loads(eng.read_artifact("distill", "model.json"))["embed_dim"] == 32  # the smaller student
+    rows = eng.read_table("eval").to_pylist()
+    assert {(r["model"], r["method"], r["setting"]) for r in rows} >= {
+        ("train", "knn", "k=10"), ("train", "knn", "k=20"), ("distill", "knn", "k=10"), ("distill", "knn", "k=20")}
+    assert {(r["model"], r["method"]) for r in rows if r["method"] == "linear"} == {("train", "linear"), ("distill", "linear")}
+    assert all(0.0 <= r["top1"] <= 1.0 and r["n_classes"] == 6 for r in rows)

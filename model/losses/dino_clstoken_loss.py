@@ -9,7 +9,7 @@ pairs ``n_global * (n_global - 1) + n_local * n_global``.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from model.losses.centering import CenteredLoss
 

@@ -8,7 +8,7 @@ number of images (global crops) in the batch, masked or not.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from model.losses.centering import CenteredLoss
 

@@ -64,6 +64,22 @@ def _entropy(p: Tensor) -> Tensor:
     return -(p * p.clamp_min(1e-30).log()).sum(-1)
 
 
+def build_ssl_modules(cfg: SSLConfig, teacher: bool = False, backbone: nn.Module | None = None) -> nn.ModuleDict:
+    """``{backbone, dino_head[, ibot_head]}`` from the config (or around a given backbone)."""
+    if backbone is None:
+        backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, teacher))
+    d, i = cfg.dino, cfg.ibot
+    mods: dict[str, nn.Module] = {
+        "backbone": backbone,
+        "dino_head": DINOHead(backbone.embed_dim, d.head_n_prototypes, nlayers=d.head_nlayers,
+                              hidden_dim=d.head_hidden_dim, bottleneck_dim=d.head_bottleneck_dim),
+    }
+    if i.loss_weight > 0 and i.separate_head:
+        mods["ibot_head"] = DINOHead(backbone.embed_dim, i.head_n_prototypes, nlayers=i.head_nlayers,
+                                     hidden_dim=i.head_hidden_dim, bottleneck_dim=i.head_bottleneck_dim)
+    return nn.ModuleDict(mods)
+
+
 class SSLMetaArch(nn.Module):
     def __init__(self, cfg: SSLConfig) -> None:
         super().__init__()
@@ -74,23 +90,9 @@ class SSLMetaArch(nn.Module):
         self.ibot_separate_head = cfg.ibot.separate_head
         self.n_local_crops = cfg.crops.local_crops_number
 
-        def build(teacher: bool) -> nn.ModuleDict:
-            backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, teacher))
-            d = cfg.dino
-            mods = {
-                "backbone": backbone,
-                "dino_head": DINOHead(backbone.embed_dim, d.head_n_prototypes, nlayers=d.head_nlayers,
-                                      hidden_dim=d.head_hidden_dim, bottleneck_dim=d.head_bottleneck_dim),
-            }
-            if self.do_ibot and self.ibot_separate_head:
-                i = cfg.ibot
-                mods["ibot_head"] = DINOHead(backbone.embed_dim, i.head_n_prototypes, nlayers=i.head_nlayers,
-                                             hidden_dim=i.head_hidden_dim, bottleneck_dim=i.head_bottleneck_dim)
-            return nn.ModuleDict(mods)
-
-        self.student = build(teacher=False)
-        self.teacher = build(teacher=True)
-        self.teacher.load_state_dict(self.student.state_dict())
+        self.mask_student_inputs = True  # iBOT: masked patches replaced by the mask token in the student input
+        self.student = build_ssl_modules(cfg, teacher=False)
+        self.teacher = self.build_teacher(cfg)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
 
@@ -109,6 +111,12 @@ class SSLMetaArch(nn.Module):
             )
         )
         self.last_stats: dict[str, float] = {}
+
+    def build_teacher(self, cfg: SSLConfig) -> nn.ModuleDict:
+        """The EMA teacher: the student's modules without stochastic depth, starting from the student's weights."""
+        teacher = build_ssl_modules(cfg, teacher=True)
+        teacher.load_state_dict(self.student.state_dict())
+        return teacher
 
     # ------------------------------------------------------------------ helpers
     def train(self, mode: bool = True) -> "SSLMetaArch":
@@ -166,10 +174,11 @@ class SSLMetaArch(nn.Module):
         backbone = self.student["backbone"]
         with self.autocast(), self.student_attention():
             if n_l > 0:
-                g_out, l_out = backbone.forward_features_list([global_crops, local_crops], [masks, None])
+                g_masks = masks if self.mask_student_inputs else None
+                g_out, l_out = backbone.forward_features_list([global_crops, local_crops], [g_masks, None])
                 l_cls = l_out["x_norm_clstoken"]
             else:
-                (g_out,) = backbone.forward_features_list([global_crops], [masks])
+                (g_out,) = backbone.forward_features_list([global_crops], [masks if self.mask_student_inputs else None])
                 l_cls = g_out["x_norm_clstoken"][:0]
             g_cls = g_out["x_norm_clstoken"]
             head_in = [l_cls, g_cls]
@@ -244,7 +253,8 @@ class SSLMetaArch(nn.Module):
 
     def make_optimizer(self) -> torch.optim.AdamW:
         o = self.cfg.optim
-        fused = self.cfg.compute.fused_optimizer and self.device.type in ("cpu", "cuda")
+        sharded = any(hasattr(p, "to_local") for p in self.student.parameters())  # FSDP2 DTensors: foreach path
+        fused = self.cfg.compute.fused_optimizer and self.device.type in ("cpu", "cuda") and not sharded
         return torch.optim.AdamW(self.get_params_groups(), betas=(o.adamw_beta1, o.adamw_beta2), fused=fused or None)
 
     def cancel_last_layer_gradients(self, iteration: int) -> bool:

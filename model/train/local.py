@@ -7,7 +7,6 @@ in the returned history.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import time
@@ -18,10 +17,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from model.data.augmentations import DataAugmentationDINO
-from model.data.collate import collate_data_and_cast
 from model.data.datasets import ImageFolderDataset
-from model.data.masking import MaskingGenerator
+from model.data.recipe import build_augmentation, build_collate, build_mask_generator  # noqa: F401 - re-exported
 from model.ssl.config import SSLConfig
 from model.ssl.meta_arch import SSLMetaArch
 from model.ssl.schedules import Schedules
@@ -42,36 +39,6 @@ class InfiniteSampler(Sampler[int]):
             yield from torch.randperm(self.n, generator=g).tolist()
 
 
-def build_augmentation(cfg: SSLConfig) -> DataAugmentationDINO:
-    c = cfg.crops
-    return DataAugmentationDINO(
-        c.global_crops_scale,
-        c.local_crops_scale,
-        c.local_crops_number,
-        c.global_crops_size,
-        c.local_crops_size,
-        blur_probs=c.blur_probs,
-        solarize_prob=c.solarize_prob,
-    )
-
-
-def build_mask_generator(cfg: SSLConfig) -> MaskingGenerator:
-    side = cfg.crops.global_crops_size // cfg.student.patch_size
-    return MaskingGenerator(input_size=(side, side), max_num_patches=0.5 * side * side)
-
-
-def build_collate(cfg: SSLConfig, seed: int) -> Callable[[list], dict[str, Any]]:
-    gen = build_mask_generator(cfg)
-    return functools.partial(
-        collate_data_and_cast,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        n_tokens=gen.num_patches,
-        mask_generator=gen,
-        rng=random.Random(seed),
-    )
-
-
 def build_data_loader(
     cfg: SSLConfig, image_folder: str | Path, *, seed: int, max_side: int | None = None, num_workers: int = 0
 ) -> DataLoader:
@@ -80,7 +47,7 @@ def build_data_loader(
         dataset,
         batch_size=cfg.train.batch_size_per_gpu,
         sampler=InfiniteSampler(len(dataset), seed),
-        collate_fn=build_collate(cfg, seed),
+        collate_fn=build_collate(cfg, random.Random(seed)),
         num_workers=num_workers,
         drop_last=True,
     )

@@ -410,6 +410,12 @@ class Engine:
             refs += [store.ShardRef(name, str(unit.dir), e, part) for e in manifest["shards"]]
         return refs
 
+    def artifact_dir(self, name: str, partition: str | None = None) -> Path:
+        """The folder holding a done stage's shards and artifacts (e.g. a training export to load from)."""
+        unit = next(u for u in self.units(name) if partition is None or (u.partition and u.partition.name == partition))
+        self._done_manifest(unit, name)
+        return unit.dir
+
     def read_artifact(self, name: str, artifact: str, partition: str | None = None) -> bytes:
         """An artifact file of a done stage, checksum verified."""
         unit = next(u for u in self.units(name) if partition is None or (u.partition and u.partition.name == partition))

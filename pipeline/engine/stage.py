@@ -55,6 +55,21 @@ class StageContext:
             raise ValueError(f"stage {self.stage.name!r} must declare artifact {name!r} and write it while computing")
         store.atomic_write_bytes(self.unit_dir / name, data)
 
+    def link_artifact(self, name: str, src: Path) -> None:
+        """Publish an existing (large) file as a declared artifact: hard-linked (or copied) atomically."""
+        if self.unit_dir is None or name not in self.stage.artifacts:
+            raise ValueError(f"stage {self.stage.name!r} must declare artifact {name!r} and write it while computing")
+        store.atomic_link_file(Path(src), self.unit_dir / name)
+
+    @property
+    def work_dir(self) -> Path:
+        """This unit's resumable working state (kept when a run is killed; cleared by --force)."""
+        if self.unit_dir is None:
+            raise ValueError("work_dir is only known while the stage is computing")
+        path = self.unit_dir / store.WORK_DIR
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     @property
     def section(self) -> BaseModel | None:
         return getattr(self.config, self.stage.section) if self.stage.section else None

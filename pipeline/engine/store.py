@@ -171,17 +171,38 @@ def clean_temporaries(unit_dir: Path) -> int:
     if unit_dir.is_dir():
         for p in unit_dir.iterdir():
             if p.name.startswith(TMP_PREFIX):
-                p.unlink(missing_ok=True)
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
                 n += 1
     return n
 
 
+WORK_DIR = "work"  # a stage's resumable working state (e.g. training checkpoints); kept across kills
+
+
 def clear_unit(unit_dir: Path) -> None:
-    """Forget a unit's outputs: the manifest first (so it is no longer done), then its shards."""
+    """Forget a unit's outputs: the manifest first (so it is no longer done), then its shards and work dir."""
     (unit_dir / MANIFEST).unlink(missing_ok=True)
     for p in unit_dir.glob("part-*.parquet"):
         p.unlink()
+    work = unit_dir / WORK_DIR
+    if work.is_dir():
+        trash = unit_dir / f"{TMP_PREFIX}trash-{uuid.uuid4().hex[:6]}"
+        os.replace(work, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     clean_temporaries(unit_dir)
+
+
+def atomic_link_file(src: Path, dest: Path) -> None:
+    """Publish an existing file at ``dest`` atomically: a hard link (or a copy) under a temp name, then rename."""
+    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
 
 
 def discard_unit(unit_dir: Path) -> None:
