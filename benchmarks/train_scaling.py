@@ -246,6 +246,16 @@ def _status_kib(pid: int) -> dict[str, int] | None:
     return out if len(out) == 2 else None
 
 
+def _malloc_env(pid: int) -> dict[str, str]:
+    """The MALLOC_* variables the process was started with (checks that the allocator setting arrived)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item.startswith(b"MALLOC_"))
+    return {k: v for k, _, v in pairs}
+
+
 class WorkerMemory(threading.Thread):
     """Samples VmRSS / VmHWM of the Ray Train worker processes named in ``<out_dir>/workers/rank-*.pid``.
 
@@ -286,8 +296,10 @@ class WorkerMemory(threading.Thread):
         now = round(time.perf_counter() - self.t0, 2)
         for rank, (pid, st) in seen.items():
             self.trace.append((now, rank, st["VmRSS"] // 1024, done))
-            r = self.ranks.setdefault(rank, {"pid": pid, "samples": 0, "peak_rss_steps_kib": 0, "peak_rss_kib": 0,
-                                             "first_rss_kib": st["VmRSS"], "vmhwm_kib": 0})
+            if rank not in self.ranks:
+                self.ranks[rank] = {"pid": pid, "samples": 0, "peak_rss_steps_kib": 0, "peak_rss_kib": 0,
+                                    "first_rss_kib": st["VmRSS"], "vmhwm_kib": 0, "malloc_env": _malloc_env(pid)}
+            r = self.ranks[rank]
             r["samples"] += 1
             r["peak_rss_kib"] = max(r["peak_rss_kib"], st["VmRSS"])
             r["vmhwm_kib"] = max(r["vmhwm_kib"], st["VmHWM"])
@@ -331,6 +343,9 @@ def run_one(spec: RunSpec, args, files: list[str], rows: list[int], work: Path) 
     ranks = {k: {kk.replace("_kib", "_mib"): v for kk, v in r.items()} for k, r in ranks.items()}
     if len(ranks) != spec.workers or any(r["peak_rss_steps_mib"] == 0 for r in ranks.values()):
         raise RuntimeError(f"{spec.name}: worker memory not sampled for every rank ({ranks})")
+    want = None if spec.glibc_malloc or args.mmap_threshold <= 0 else str(args.mmap_threshold)
+    if any(r["malloc_env"].get("MALLOC_MMAP_THRESHOLD_") != want for r in ranks.values()):
+        raise RuntimeError(f"{spec.name}: the workers' MALLOC_MMAP_THRESHOLD_ is not {want!r} ({ranks})")
     phases = phase_peaks(mem.trace, job.total_steps)
     floor = between_steps(mem.trace, job.total_steps)
     return {

@@ -70,12 +70,15 @@ def map_shards(inputs: list[tuple[int, ShardRef]], fn: Callable | type, settings
                              override_num_blocks=len(inputs))
     if only_ok and columns and "status" not in columns:
         columns = [*columns, "status"]
+    concurrency = settings.concurrency or max(1, int(ray.available_resources().get("CPU", 1) // settings.num_cpus))
     # Reading is its own (light) task, one shard per task: given other resources than the map below,
     # Ray does not fuse the two, so the map's batches are of rows (not of shards) and flow per shard.
+    # At most one read more than there are map workers runs at once: zero-CPU tasks are otherwise
+    # unbounded, and each in flight costs a Ray worker process (memory grew with the shard count).
     ds = ds.map_batches(_read_shard, batch_size=1, batch_format="pyarrow", zero_copy_batch=True, num_cpus=READ_CPUS,
-                        fn_kwargs={"columns": columns, "only_ok": only_ok})
+                        fn_kwargs={"columns": columns, "only_ok": only_ok},
+                        concurrency=min(len(inputs), concurrency + 1))
     is_class = isinstance(fn, type)
-    concurrency = settings.concurrency or max(1, int(ray.available_resources().get("CPU", 1) // settings.num_cpus))
     # One task in flight per actor: an actor's finished shard is handed back before it starts the next
     # (with several queued, outputs were held back until the end of the run).
     compute = ray.data.ActorPoolStrategy(size=min(concurrency, len(inputs)), max_tasks_in_flight_per_actor=1) \

@@ -82,3 +82,47 @@ def test_explain_prints_an_images_trail(tmp_path):
     assert "ingest: mine (curated)" in out.stdout and "→ ok" in out.stdout
     missing = _lvd("explain", "--config", str(cfg), "http://example.com/nothing.jpg")
     assert missing.returncode == 1 and "not in any source" in missing.stdout
+
+
+def _labelled(root: Path) -> None:
+    for split in ("train", "val"):
+        for cls, rgb in {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 30, 210)}.items():
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (32, 32), tuple(min(255, c + 12 * i) for c in rgb)).save(root / split / cls / f"{i}.png")
+
+
+def test_eval_a_given_backbone_on_labelled_folders(tmp_path):
+    import torch
+
+    from model.export import export_backbone
+    from model.layers.vit import build_backbone
+
+    kwargs = {"img_size": 28, "patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2, "init_values": None}
+    torch.manual_seed(0)
+    export_backbone(build_backbone("vit_test", **kwargs), tmp_path / "export", arch="vit_test", backbone_kwargs=kwargs)
+    _labelled(tmp_path / "lab")
+    cfg = _config(tmp_path)
+    cfg.write_text(cfg.read_text() + "eval: {crop_size: 28, batch_size: 8}\n")
+    out = _lvd("eval", "knn", "--config", str(cfg), "--backbone", str(tmp_path / "export"),
+               "--train", str(tmp_path / "lab" / "train"), "--val", str(tmp_path / "lab" / "val"),
+               "--out", str(tmp_path / "res.json"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].split() == ["MODEL", "METHOD", "SETTING", "TOP1", "TOP5", "N_TRAIN", "N_VAL"]
+    assert len(out.stdout.splitlines()) == 3  # k=10 and k=20
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["n_train"] == res["n_val"] == 9 and set(res["knn"]["k"]) == {"10", "20"} and "linear" not in res
+
+
+def test_eval_without_labelled_folders_says_what_to_set(tmp_path):
+    cfg = _config(tmp_path)
+    out = _lvd("eval", "linear", "--config", str(cfg), "--backbone", str(tmp_path / "nowhere"))
+    assert out.returncode == 2 and "--train DIR and --val DIR" in out.stderr
+
+
+def test_train_with_an_empty_dataset_says_so(tmp_path):
+    cfg = _config(tmp_path)  # curated images only, no retrieval source: the dataset holds the curated ones
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg.read_text() + "train: {workers: 0}\n")
+    out = _lvd("train", "--config", str(bad))
+    assert out.returncode == 2 and "train.workers" in out.stderr

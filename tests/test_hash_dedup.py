@@ -118,3 +118,18 @@ def test_pca_fitted_on_a_sample_hashes_the_rest_in_a_second_pass(corpus, ray_ses
     assert len(removed) >= 0.9 * (len(truth) - len(set(truth.values())))
     for r in removed:
         assert r["score"] == float(hamming(code[r["image_id"]], code[r["ref_id"]]))
+
+
+def test_a_source_with_no_decodable_image_completes(tmp_path, ray_session):
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    eng = _engine(tmp_path)
+    status = eng.ensure("hash_dedup")
+    assert status.state == "done" and eng.read_table("hash_dedup").num_rows == 0
+    assert [r["status"] for r in eng.read_table("ingest", columns=["status"]).to_pylist()] == ["not_an_image"]
+    import io
+
+    import numpy as np
+
+    model = np.load(io.BytesIO(eng.read_artifact("hash_dedup", "hash_model.npz")))
+    assert str(model["method"]) == "pca" and "components" not in model

@@ -211,7 +211,7 @@ def pod_templates() -> list[tuple[str, dict]]:
 
 
 def test_core_objects_and_pod_templates_match_kubernetes_schemas():
-    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate ships Kubernetes' JSON schemas")
+    import kubernetes_validate as kv  # a test dependency: it ships Kubernetes' JSON schemas
     core = {k: d for k, d in k8s_docs().items() if not d["apiVersion"].startswith("ray.io/")}
     assert {kind for kind, _ in core} == {"Namespace", "PersistentVolumeClaim", "Secret", "Service", "StatefulSet",
                                           "Deployment"}

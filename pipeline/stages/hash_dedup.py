@@ -59,7 +59,11 @@ class HashDedup(Stage):
 
     def compute(self, ctx: StageContext, shards: list[Shard]) -> Iterator[tuple[int, pa.Table]]:
         cat = self._catalog(ctx)
-        decisions = self._decide(ctx, cat) if cat.num_rows else DECISIONS_SCHEMA.empty_table()
+        if cat.num_rows:
+            decisions = self._decide(ctx, cat)
+        else:  # nothing decodable to hash (every fetch failed): an empty model, so the stage still completes
+            decisions = DECISIONS_SCHEMA.empty_table()
+            ctx.write_artifact("hash_model.npz", _model_bytes(ctx.section.method, ctx.section.thumb_size, None, None))
         ids = decisions["image_id"]
         for shard in shards:
             if shard.payload is None:
