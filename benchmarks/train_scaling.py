@@ -17,7 +17,7 @@ Every worker gets ``nproc // workers`` torch threads, so each configuration uses
 (on a 2-core machine 2 workers cannot beat 1: the point of the 2-worker runs is the memory).
 
 Model: DINOv2 at ViT-S/14 with the official ViT-g/14 heads (131,072 prototypes, hidden 2048,
-bottleneck 256, a separate iBOT head): 21.5 M backbone + 2 × 39 M head parameters = 99.5 M trainable
+bottleneck 256, a separate iBOT head): 21.5 M backbone + 2 heads of ~39 M = 99.7 M trainable
 student parameters, so parameters, gradients and AdamW moments dominate memory, while the crops are
 tiny (2 global 56 px + 2 local 28 px, batch 8 per worker) so compute stays cheap. The last layer
 is not frozen (``freeze_last_layer_epochs: 0``: it has gradients and AdamW state from step 0); fp32
@@ -246,6 +246,25 @@ def _status_kib(pid: int) -> dict[str, int] | None:
     return out if len(out) == 2 else None
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """user + system CPU time of a process (all its threads), from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_step(cpu: list[tuple[int, float, int]], warmup: int, total_steps: int) -> dict[int, float]:
+    """Per rank: CPU seconds of its training process per step, over the samples taken while steps ≥ warmup ran."""
+    out = {}
+    for rank in sorted({r for r, _, _ in cpu}):
+        mine = [(c, d) for r, c, d in cpu if r == rank and warmup <= d < total_steps]
+        if len(mine) >= 2 and mine[-1][1] > mine[0][1]:
+            out[rank] = (mine[-1][0] - mine[0][0]) / (mine[-1][1] - mine[0][1])
+    return out
+
+
 def _malloc_env(pid: int) -> dict[str, str]:
     """The MALLOC_* variables the process was started with (checks that the allocator setting arrived)."""
     try:
@@ -270,6 +289,7 @@ class WorkerMemory(threading.Thread):
         self.stop = threading.Event()
         self.ranks: dict[int, dict] = {}
         self.trace: list[tuple[float, int, int, int]] = []  # (seconds, rank, VmRSS MiB, steps done)
+        self.cpu: list[tuple[int, float, int]] = []  # (rank, user+system CPU seconds of the process, steps done)
         self.t0 = time.perf_counter()
 
     def _steps_done(self) -> int:
@@ -296,6 +316,9 @@ class WorkerMemory(threading.Thread):
         now = round(time.perf_counter() - self.t0, 2)
         for rank, (pid, st) in seen.items():
             self.trace.append((now, rank, st["VmRSS"] // 1024, done))
+            cpu = _cpu_seconds(pid)
+            if cpu is not None:
+                self.cpu.append((rank, cpu, done))
             if rank not in self.ranks:
                 self.ranks[rank] = {"pid": pid, "samples": 0, "peak_rss_steps_kib": 0, "peak_rss_kib": 0,
                                     "first_rss_kib": st["VmRSS"], "vmhwm_kib": 0, "malloc_env": _malloc_env(pid)}
@@ -323,6 +346,7 @@ def run_one(spec: RunSpec, args, files: list[str], rows: list[int], work: Path) 
                    checkpoint_every=10**9, keep_checkpoints=1, metrics_every=1, precision="fp32", fsdp=spec.fsdp,
                    threads_per_worker=threads,
                    data=DataSettings(num_cpus=args.data_cpus, concurrency=1, prefetch=2))
+    load_before = os.getloadavg()
     mem = WorkerMemory(out, job.total_steps - 1, args.sample_interval)
     mem.start()
     t0 = time.perf_counter()
@@ -348,11 +372,16 @@ def run_one(spec: RunSpec, args, files: list[str], rows: list[int], work: Path) 
         raise RuntimeError(f"{spec.name}: the workers' MALLOC_MMAP_THRESHOLD_ is not {want!r} ({ranks})")
     phases = phase_peaks(mem.trace, job.total_steps)
     floor = between_steps(mem.trace, job.total_steps)
+    cpu = cpu_per_step(mem.cpu, args.warmup, job.total_steps)
+    cpu_step = sum(cpu.values()) if len(cpu) == spec.workers else None
     return {
         "run": spec.name, "label": spec.label, "workers": spec.workers, "fsdp": spec.fsdp, "threads_per_worker": threads,
         "global_batch": global_batch, "timed_steps": len(timed),
         "images_per_s": len(timed) * global_batch / sum(step_s),
         "step_s_median": sorted(step_s)[len(step_s) // 2], "step_s": step_s,
+        "worker_cpu_s_per_step": cpu_step, "worker_cpu_s_per_step_per_rank": cpu,
+        "images_per_worker_cpu_s": global_batch / cpu_step if cpu_step else None,
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "wall_s": wall, "first_loss": outcome.metrics[0].get("total"), "last_loss": outcome.metrics[-1].get("total"),
         "ranks": ranks,
         "peak_rss_steps_mib": max(r["peak_rss_steps_mib"] for r in ranks.values()),
@@ -360,7 +389,7 @@ def run_one(spec: RunSpec, args, files: list[str], rows: list[int], work: Path) 
         "first_rss_mib": max(r["first_rss_mib"] for r in ranks.values()),
         "rss_between_steps_mib": max(floor.values()), "rss_between_steps_per_rank_mib": floor,
         "phase_peak_rss_mib": phases,
-        "rss_trace": compact_trace(mem.trace),
+        "rss_per_step_mib": rss_per_step(mem.trace),
     }
 
 
@@ -383,16 +412,13 @@ def between_steps(trace: list[tuple[float, int, int, int]], total_steps: int) ->
     return {rank: sorted(per.values())[len(per) // 2] for rank, per in sorted(lows.items()) if per}
 
 
-def compact_trace(trace: list[tuple[float, int, int, int]], min_change_mib: int = 16) -> list[list]:
-    """The samples where a worker's RSS moved by ≥ ``min_change_mib`` or its step count changed."""
-    last: dict[int, tuple[int, int]] = {}
-    out = []
-    for t, rank, rss, done in trace:
-        prev = last.get(rank)
-        if prev is None or abs(rss - prev[0]) >= min_change_mib or done != prev[1]:
-            out.append([t, rank, rss, done])
-            last[rank] = (rss, done)
-    return out
+def rss_per_step(trace: list[tuple[float, int, int, int]]) -> dict[int, list[list[int]]]:
+    """Per rank: ``[steps done, lowest VmRSS, highest VmRSS]`` for each stretch between two metrics records."""
+    spans: dict[int, dict[int, list[int]]] = {}
+    for _, rank, rss, done in trace:
+        lo_hi = spans.setdefault(rank, {}).setdefault(done, [rss, rss])
+        lo_hi[0], lo_hi[1] = min(lo_hi[0], rss), max(lo_hi[1], rss)
+    return {rank: [[done, *lo_hi] for done, lo_hi in sorted(per.items())] for rank, per in sorted(spans.items())}
 
 
 def worker_env(args, glibc_malloc: bool) -> dict[str, str]:
@@ -451,16 +477,19 @@ def print_report(args, runs: dict[str, dict], counts: dict, ratios: dict, data: 
     print(f"data: {data['images']} JPEGs (median {data['kib_median']} KiB) from {data['photos']} shipped photos, "
           f"{data['shards']} Parquet shards; Ray Data {args.data_cpus} CPU per worker")
     print(f"machine: {os.cpu_count()} CPUs ({cpu_model()}), {mem_total_gib():.1f} GiB RAM; Ray logical CPUs {args.ray_cpus}\n")
-    head = (f"{'config':29s} {'workers':>7s} {'fsdp':>5s} {'thr':>3s} {'images/s':>9s} {'step s':>7s} "
+    head = (f"{'config':29s} {'workers':>7s} {'fsdp':>5s} {'thr':>3s} {'images/s':>9s} {'step s':>7s} {'img/CPU-s':>9s} "
             f"{'peak RSS MiB':>12s} {'between steps':>13s} {'VmHWM MiB':>9s} {'state MiB':>9s}")
     print(head)
     print("-" * len(head))
     for r in runs.values():
         print(f"{r['label']:29s} {r['workers']:7d} {r['fsdp']!s:>5s} {r['threads_per_worker']:3d} "
-              f"{r['images_per_s']:9.2f} {r['step_s_median']:7.2f} {r['peak_rss_steps_mib']:12d} "
+              f"{r['images_per_s']:9.2f} {r['step_s_median']:7.2f} {r['images_per_worker_cpu_s'] or float('nan'):9.2f} "
+              f"{r['peak_rss_steps_mib']:12d} "
               f"{r['rss_between_steps_mib']:13d} {r['vmhwm_mib']:9d} {r['state_mib']:9.0f}")
     threshold = f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold > 0 else "glibc's default"
-    print(f"  per worker process (max over the workers); allocator: {threshold} unless ', glibc'.")
+    print("  img/CPU-s: images per CPU-second of the training processes (their user+system time over the timed steps; "
+          "Ray Data tasks not included) — less sensitive than images/s to a shared machine")
+    print(f"  memory per worker process (max over the workers); allocator: {threshold} unless ', glibc'.")
     print(f"  peak RSS: largest VmRSS sampled every {args.sample_interval * 1000:.0f} ms from the worker's start through "
           "the last step; between steps: median over steps of the")
     print("  lowest VmRSS during the step; VmHWM: kernel peak, also covering the final checkpoint + export; state: "
@@ -538,14 +567,19 @@ def main() -> int:
             ray.shutdown()
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
 
     def ratio(a: str, b: str, key: str) -> float | None:
-        return runs[a][key] / runs[b][key] if a in runs and b in runs else None
+        ok = a in runs and b in runs and runs[a][key] is not None and runs[b][key]
+        return runs[a][key] / runs[b][key] if ok else None
 
     ratios: dict[str, float | None] = {
         "throughput 2w-fsdp / 1w": ratio("2w-fsdp", "1w", "images_per_s"),
         "throughput 2w-replicas / 1w": ratio("2w-replicas", "1w", "images_per_s"),
         "throughput 2w-fsdp / 2w-replicas": ratio("2w-fsdp", "2w-replicas", "images_per_s"),
+        "images per CPU-s 2w-fsdp / 1w": ratio("2w-fsdp", "1w", "images_per_worker_cpu_s"),
+        "images per CPU-s 2w-replicas / 1w": ratio("2w-replicas", "1w", "images_per_worker_cpu_s"),
     }
     for suffix in ("", GLIBC_SUFFIX):
         f, r = "2w-fsdp" + suffix, "2w-replicas" + suffix

@@ -1,7 +1,8 @@
 """FSDP2 sharding of the student/teacher modules (``torch.distributed.fsdp.fully_shard``).
 
-Each transformer block is its own FSDP unit (its parameters are all-gathered just before the
-block runs and freed after), then each top-level module (backbone, DINO head, iBOT head) is
+Each transformer block, and each head's prototype layer (65k–131k × 256–384 weights, most of a
+head), is its own FSDP unit (its parameters are all-gathered just before it runs and freed
+after), then each top-level module (backbone, DINO head, iBOT head) is
 sharded as the root of its blocks. Student and teacher are sharded identically, so the EMA
 update works shard by shard (``model.ssl.ema`` uses the DTensors' local shards).
 
@@ -45,10 +46,12 @@ def device_mesh(world_size: int, device_type: str) -> DeviceMesh:
 
 def shard_module(module: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy,
                  reshard_after_forward: bool = True) -> nn.Module:
-    """``fully_shard`` every transformer block of ``module`` (if it has ``blocks``), then the module."""
-    blocks: Iterable[nn.Module] = getattr(module, "blocks", ())
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    """``fully_shard`` every transformer block (``blocks``) or a head's prototype layer (``last_layer``), then the module."""
+    units: list[nn.Module] = list(getattr(module, "blocks", ()))
+    if isinstance(getattr(module, "last_layer", None), nn.Module):  # a DINO head: its prototypes are most of it
+        units.append(module.last_layer)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for method in FORWARD_METHODS:
         if hasattr(module, method):

@@ -379,7 +379,9 @@ def embedding_dim(spec: str | ModelSpec) -> int:
         import timm
 
         with torch.device("meta"):
-            return int(timm.create_model(spec.arch, pretrained=False, num_classes=0).num_features)
+            model = timm.create_model(spec.arch, pretrained=False, num_classes=0)
+        # the pooled output: after the head's hidden layer where there is one (MobileNetV3: 288 → 1024)
+        return int(getattr(model, "head_hidden_size", None) or model.num_features)
     if spec.arch != AUTO:
         from model.layers.vit import build_backbone
 

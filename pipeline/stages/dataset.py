@@ -47,6 +47,7 @@ class Dataset(Stage):
 
     def compute(self, ctx: StageContext, shards: list[Shard]) -> Iterator[tuple[int, pa.Table]]:
         provenance = self._provenance(ctx)
+        self._write_card(ctx, provenance)  # before any shard: a run killed after its last shard must not lack the card
         clusters = dict(zip(*[c.to_pylist() for c in pa.concat_tables(
             ctx.engine.read("cluster", columns=["image_id", "cluster"])).columns])) if ctx.engine.units("cluster") else {}
         removed = {}
@@ -58,7 +59,6 @@ class Dataset(Stage):
             if source not in removed:
                 removed[source] = removed_ids(ctx.engine, self.name, source, kind)
             yield s.index, self._rows(ref.read(), kind, removed[source], provenance, clusters)
-        self._write_card(ctx, provenance)
 
     def _provenance(self, ctx: StageContext) -> dict[str, list[dict]]:
         """image_id → every retrieval row of it (the queries that retrieved it)."""
