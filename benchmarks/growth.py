@@ -42,7 +42,6 @@ Exact (flat) kNN in copy_dedup is O(N) per image below ``index.flat_max``: that 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -54,7 +53,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent

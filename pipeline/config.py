@@ -96,6 +96,8 @@ class RayDataConfig(Strict):
     batch_size: int = Field(64, ge=1, description="images per map_batches call")
     concurrency: int | None = Field(None, ge=1, description="actors (or tasks) in the pool; null = one per CPU")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor/task")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor/task (1: an actor per GPU; 0.25: four "
+                            "share one); > 0 places the actors on the cluster's GPU nodes")
 
 
 class HashDedupConfig(RayDataConfig):
@@ -163,6 +165,13 @@ class EmbedConfig(RayDataConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _gpus_for_cuda(self) -> "EmbedConfig":
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError("device is cuda but num_gpus is 0: Ray hides the GPUs from actors that reserve none "
+                             "(CUDA_VISIBLE_DEVICES is emptied); set num_gpus: 1 (or a fraction to share a GPU)")
+        return self
 
 
 class CopyDedupConfig(Strict):

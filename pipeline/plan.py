@@ -364,12 +364,13 @@ def estimate(cfg: Config, corpus: Corpus, hw: Hardware = Hardware(), results: di
         if name == "hash_dedup":
             hd = cfg.hash_dedup
             codes = u * hd.bits / 8 * 2  # codes + the binary index over them, in the driver
-            # fit_pca: a float64 SVD of the sample x 8 augmented copies (the matrix, its centred copy and U, plus
-            # float32 intermediates): ~4 x 8 x thumb_size^2 x 8 bytes per sampled image (80 KB measured, growth.py)
-            pca = min(u, hd.pca_sample) * 4 * 8 * hd.thumb_size ** 2 * 8
+            # fit_pca streams the sample into a d x d scatter matrix: the sampled thumbnails (uint8, d bytes each)
+            # stay in the driver, plus a few MB of chunk and matrix whatever the sample size
+            side2 = hd.thumb_size ** 2
+            pca = min(u, hd.pca_sample) * side2 + 4096 * 8 * side2 * 8 * 3 + side2 * side2 * 8 * 4
             st.memory_bytes = codes + pca
             st.notes.append(f"driver: {hd.bits}-bit codes of every image for the range search ({_bytes(codes)}) and the "
-                            f"PCA fit's dense SVD over {_count(min(u, hd.pca_sample))} sampled thumbnails ({_bytes(pca)})")
+                            f"PCA fit over {_count(min(u, hd.pca_sample))} sampled thumbnails ({_bytes(pca)})")
         stages.append(st)
 
     n_embed = u + c + e

@@ -16,11 +16,35 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config, RayDataConfig
+from pipeline.engine import StageError
 from pipeline.engine.store import ShardRef
 
 log = logging.getLogger("lvd")
 SHARD_COL = "_shard"
 READ_CPUS = 0  # reading is I/O: never wait for a CPU the model actors hold
+RAY_ONLY = frozenset({"batch_size", "concurrency", "num_cpus", "num_gpus"})  # how fast / where, not what: not fingerprinted
+
+
+class RayResourcesError(StageError):
+    """The Ray cluster cannot ever give a stage's actors what they ask for."""
+
+
+def pool_size(settings: RayDataConfig, n_inputs: int) -> int:
+    """Actors (or tasks) to run at once: ``settings.concurrency``, else as many as the cluster's free CPUs —
+    and, when they ask for GPUs, its GPUs — can hold; never more than there are inputs."""
+    import ray
+
+    if settings.num_gpus > 0:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if gpus < settings.num_gpus:
+            raise RayResourcesError(
+                f"num_gpus is {settings.num_gpus:g} per actor but the Ray cluster has {gpus:g} GPUs: add GPU nodes "
+                f"(RAY_ADDRESS of a cluster with GPUs) or set this stage's num_gpus: 0 and device: cpu")
+    free = ray.available_resources()
+    size = max(1, int(free.get("CPU", 1) // settings.num_cpus))
+    if settings.num_gpus > 0:
+        size = min(size, max(1, int(free.get("GPU", 0.0) // settings.num_gpus)))
+    return max(1, min(settings.concurrency or size, n_inputs))
 
 
 def ensure_ray(config: Config) -> None:
@@ -70,7 +94,7 @@ def map_shards(inputs: list[tuple[int, ShardRef]], fn: Callable | type, settings
                              override_num_blocks=len(inputs))
     if only_ok and columns and "status" not in columns:
         columns = [*columns, "status"]
-    concurrency = settings.concurrency or max(1, int(ray.available_resources().get("CPU", 1) // settings.num_cpus))
+    concurrency = pool_size(settings, len(inputs))
     # Reading is its own (light) task, one shard per task: given other resources than the map below,
     # Ray does not fuse the two, so the map's batches are of rows (not of shards) and flow per shard.
     # At most one read more than there are map workers runs at once: zero-CPU tasks are otherwise
@@ -81,9 +105,9 @@ def map_shards(inputs: list[tuple[int, ShardRef]], fn: Callable | type, settings
     is_class = isinstance(fn, type)
     # One task in flight per actor: an actor's finished shard is handed back before it starts the next
     # (with several queued, outputs were held back until the end of the run).
-    compute = ray.data.ActorPoolStrategy(size=min(concurrency, len(inputs)), max_tasks_in_flight_per_actor=1) \
-        if is_class else None
+    compute = ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1) if is_class else None
     ds = ds.map_batches(fn, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=settings.num_cpus,
+                        num_gpus=settings.num_gpus or None,
                         fn_constructor_kwargs=(fn_kwargs or {}) if is_class else None,
                         fn_kwargs=None if is_class else (fn_kwargs or {}), compute=compute)
     # prefetch_batches=0: hand each block over as soon as Ray Data has it (the default prefetching held

@@ -51,3 +51,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_write(tmp_path, "root: [unclosed\n"))
+
+
+def test_cuda_embedding_needs_gpus_reserved(tmp_path):
+    with pytest.raises(ConfigError, match=r"embed.*num_gpus is 0.*set num_gpus: 1"):
+        load_config(_write(tmp_path, "root: out\nembed: {device: cuda}\n"))
+    cfg = load_config(_write(tmp_path, "root: out\nembed: {device: cuda, num_gpus: 0.5}\nnsfw: {num_gpus: 0.25}\n"))
+    assert cfg.embed.num_gpus == 0.5 and cfg.nsfw.num_gpus == 0.25 and cfg.face_blur.num_gpus == 0

@@ -17,6 +17,7 @@ from photos import jpeg, photo
 from pipeline.embedding.embedder import (
     Embedder,
     decode_image,
+    embedding_dim,
     extract_backbone_state_dict,
     infer_dinov2_arch,
 )
@@ -261,6 +262,14 @@ def test_timm_random_init(images: list[bytes]) -> None:
     out = a.embed(images)
     assert_unit_fp16(out, 3, 192)
     np.testing.assert_array_equal(out, b.embed(images))
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "mobilenetv3_small_050", "resnet18"])
+def test_timm_embedding_dim_equals_the_embedders_output(arch: str, images: list[bytes]) -> None:
+    """Read from the config on the meta device (no weights), and equal to what the model emits — incl.
+    MobileNetV3, whose pooled output is its head's hidden layer (1024), not ``num_features`` (288)."""
+    out = Embedder(f"timm:{arch}:none").embed(images[:1])
+    assert embedding_dim(f"timm:{arch}:none") == out.shape[1]
 
 
 def test_timm_checkpoint_and_fake_hub_cache_match_timm(images: list[bytes], tmp_path: Path,

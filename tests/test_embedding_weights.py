@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.embedding.spec import parse_spec
 from pipeline.embedding.weights import (
     RANDOM_INIT,
     WeightsUnavailable,

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -160,3 +159,19 @@ def test_concurrent_runs_compute_a_unit_once(tmp_path, monkeypatch):
         t.join()
     assert sorted(Numbers.calls) == list(range(N_SHARDS))  # each shard once, not twice
     assert sorted(r.computed for r in results) == [False, True]
+
+
+def test_artifact_lost_after_the_last_shard_is_recomputed(tmp_path):
+    """A run killed between a stage's last shard and its artifact (written after it) resumes into a
+    complete unit: the engine recomputes the last shard, so the stage's compute runs again."""
+    eng = toy_engine(tmp_path)
+    done = {s.stage: s for s in eng.run()}
+    unit = Path(done["total"].path)
+    expected = (unit / "total.txt").read_text()
+    (unit / MANIFEST).unlink()
+    (unit / "total.txt").unlink()
+    Total.calls.clear()
+    again = {s.stage: s for s in toy_engine(tmp_path).run()}
+    assert Total.calls == [0] and again["total"].computed
+    assert (unit / "total.txt").read_text() == expected
+    assert "total.txt" in json.loads((unit / MANIFEST).read_text())["artifacts"]

@@ -32,6 +32,17 @@ def test_fit_pca_is_deterministic_with_fixed_signs_and_orthonormal():
     assert (c1[np.arange(32), np.abs(c1).argmax(1)] > 0).all()
 
 
+def test_fit_pca_streams_in_chunks_and_equals_a_dense_svd():
+    thumbs = np.stack([thumbnail(generated(s), 16) for s in range(60)])
+    mean, comps = fit_pca(thumbs, 16)
+    m_small, c_small = fit_pca(thumbs, 16, chunk=7)  # chunking changes only the order of the sums
+    assert np.allclose(c_small, comps, atol=1e-5) and np.allclose(m_small, mean, atol=1e-6)
+    x = augment(normalise(thumbs)).astype(np.float64)
+    _, _, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
+    assert np.allclose(mean, x.mean(axis=0), atol=1e-5)
+    assert np.abs((vt[:16] * comps).sum(axis=1)).min() > 1 - 1e-4  # same directions (signs fixed apart)
+
+
 def test_pca_hash_separates_near_duplicates_from_distinct_images():
     fam = variants(photo("chelsea"))
     others = [jpeg(photo(n)) for n in ("coffee", "rocket", "camera", "china")] + [generated(s) for s in range(30)]

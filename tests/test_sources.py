@@ -195,7 +195,7 @@ def test_folder_listing(tmp_path):
 
 def test_source_digest_survives_move_and_tracks_changes(tmp_path):
     a = tmp_path / "a"
-    folder = _image_folder(a)
+    _image_folder(a)
     (a / "urls.txt").write_text("http://a/1.jpg\n")
     _write_warc(a / "w.warc.gz", [("http://site.example/p.jpg", _jpeg(), "image/jpeg", "200 OK")])
 

@@ -6,7 +6,6 @@ registry by stand-ins that emit planted vectors, so the test knows exactly what 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np

@@ -302,6 +302,13 @@ class Engine:
             else:
                 entries[idx] = entry
         todo = [s for s in shards if s.index not in entries]
+        lost = [n for n in stage.artifacts if not (unit.dir / n).is_file()]
+        if shards and not todo and lost:  # killed after its last shard, before an artifact: redo that shard
+            last = shards[-1]
+            log.info("%s: artifact(s) %s missing: recomputing shard %d", unit.label, ", ".join(lost), last.index)
+            (unit.dir / store.shard_name(last.index)).unlink(missing_ok=True)
+            entries.pop(last.index)
+            todo = [last]
         if entries:
             log.info("%s: resuming — %d of %d shards already done, computing %d", unit.label, len(entries), len(shards), len(todo))
         else:

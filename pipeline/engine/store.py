@@ -224,27 +224,34 @@ def _view_is_current(view_dir: Path, manifest: dict, links: list[tuple[Path, Pat
 
 
 def publish_view(view_dir: Path, manifest: dict, links: list[tuple[Path, Path]]) -> None:
-    """Atomically (re)build a directory of hard links (copies across filesystems) plus a manifest."""
-    if _view_is_current(view_dir, manifest, links):
-        return
-    tmp = view_dir.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{view_dir.name}")
-    for rel, target in links:
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(target, tmp / rel)
-        except OSError:
-            shutil.copy2(target, tmp / rel)
-    tmp.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(tmp / MANIFEST, manifest)
-    discard_unit(view_dir)
-    os.replace(tmp, view_dir)
+    """Atomically (re)build a directory of hard links (copies across filesystems) plus a manifest.
+
+    Publishers of one view take turns (a lock file beside it); each first sweeps what a killed
+    publisher of the same view left (its half-built ``.tmp-…`` folder, or the old view renamed away).
+    """
+    with _locked(view_dir.parent / f"{LOCK}-{view_dir.name}"):
+        for p in view_dir.parent.glob(f"{TMP_PREFIX}*-{view_dir.name}"):
+            shutil.rmtree(p, ignore_errors=True)
+        if _view_is_current(view_dir, manifest, links):
+            return
+        tmp = view_dir.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{view_dir.name}")
+        for rel, target in links:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(target, tmp / rel)
+            except OSError:
+                shutil.copy2(target, tmp / rel)
+        tmp.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(tmp / MANIFEST, manifest)
+        discard_unit(view_dir)
+        os.replace(tmp, view_dir)
 
 
 @contextlib.contextmanager
-def unit_lock(unit_dir: Path, on_wait=None):
-    """Hold an exclusive lock on a unit so two runs never compute it at once (the second waits)."""
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    with open(unit_dir / LOCK, "a+") as f:
+def _locked(lock_file: Path, on_wait=None):
+    """Hold an exclusive flock on ``lock_file`` (created if missing); ``on_wait`` is called if it is busy."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -255,3 +262,10 @@ def unit_lock(unit_dir: Path, on_wait=None):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def unit_lock(unit_dir: Path, on_wait=None):
+    """Hold an exclusive lock on a unit so two runs never compute it at once (the second waits)."""
+    with _locked(unit_dir / LOCK, on_wait):
+        yield

@@ -17,6 +17,7 @@ import pyarrow as pa
 from pipeline.config import SOURCE_KINDS
 from pipeline.engine import Shard, StageContext, StageError, register
 from pipeline.engine.kept import images_stage
+from pipeline.raydata import RAY_ONLY
 from pipeline.stages.perimage import PerImageStage
 from pipeline.tables import embeddings_schema
 
@@ -63,7 +64,7 @@ class Embed(PerImageStage):
     output = "embeddings"
     count_by = ("kind",)
     batch_class = EmbedBatch
-    fingerprint_exclude = frozenset({"batch_size", "concurrency", "num_cpus", "device", "precision"})
+    fingerprint_exclude = RAY_ONLY | {"device", "precision"}
     description = "image embeddings (open_clip ViT-H-14 by default; dinov2 or timm backbones) on Ray Data"
 
     def _spec(self, ctx: StageContext) -> str:

@@ -17,10 +17,9 @@ import pyarrow.compute as pc
 from pipeline.engine import Shard, Stage, StageContext, register
 from pipeline.hashing import codes_batch, fit_pca, hamming, pca_hash, thumbnails_batch
 from pipeline.neardup import group, near_duplicate_pairs, representatives
-from pipeline.raydata import ensure_ray, map_shards
+from pipeline.raydata import RAY_ONLY, ensure_ray, map_shards
 from pipeline.tables import DECISIONS_SCHEMA
 
-RAY_ONLY = frozenset({"batch_size", "concurrency", "num_cpus"})
 CATALOG_COLUMNS = ["image_id", "source", "status", "sha256", "width", "height"]
 
 

@@ -13,9 +13,8 @@ from pipeline.digest import sha256_file
 from pathlib import Path
 
 from pipeline.engine import Shard, Stage, StageContext, StageError
-from pipeline.raydata import ensure_ray, map_shards
+from pipeline.raydata import RAY_ONLY, ensure_ray, map_shards
 
-RAY_ONLY = frozenset({"batch_size", "concurrency", "num_cpus"})  # how fast, not what: not fingerprinted
 
 
 class PerImageStage(Stage):
