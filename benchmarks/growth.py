@@ -20,7 +20,9 @@ seconds and peak memory must stay flat as the corpus grows. One run:
    session (driver, ingest's decode processes, Ray's GCS, raylet and workers):
    * ``tree RSS``: the peak of the summed VmRSS (shared pages counted once per process, as `ps`);
    * ``tree PSS``: the peak of the summed Pss from smaps_rollup (shared pages split between the
-     processes sharing them: the memory the tree really holds);
+     processes sharing them: the memory the tree really holds); and apart, its ``anon`` part (Pss_Anon:
+     the processes' own heaps) and its ``shmem`` part (Pss_Shmem: Ray's object store in /dev/shm, whose
+     pages stay mapped once touched, up to the store's capacity);
    * ``driver peak``: the driver's own VmHWM, reset before each stage (``/proc/self/clear_refs``);
 5. CPU: ``filters.Clock`` around each stage: CPU seconds of the child's whole process tree
    (summed per process, so Ray workers that exit mid-stage count), of every other process on the
@@ -88,15 +90,21 @@ def _status_kib(pid: int, keys: tuple[bytes, ...]) -> dict[bytes, int]:
     return out
 
 
-def _pss_kib(pid: int) -> int:
+PSS_KEYS = (b"Pss", b"Pss_Anon", b"Pss_Shmem")
+
+
+def _pss_kib(pid: int) -> dict[bytes, int]:
+    """Pss (all), Pss_Anon (the process's own heap) and Pss_Shmem (shared memory: Ray's object store) in KiB."""
+    out = dict.fromkeys(PSS_KEYS, 0)
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
             for line in fh:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1])
+                k = line.split(b":", 1)[0]
+                if k in out:
+                    out[k] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return out
 
 
 def reset_peak_rss() -> bool:
@@ -123,20 +131,25 @@ class TreeMemory:
     def mark(self) -> None:
         """Start a new window: peaks reset."""
         with self._lock:
-            self.peak_rss = self.peak_pss = 0
+            self.peak_rss = self.peak_pss = self.peak_anon = self.peak_shmem = 0
             self.peak_procs = 0
             self.peak_top: list[dict] = []
             self.samples = 0
+            self.series: list[tuple[float, int]] = []  # (time, summed Pss_Anon KiB)
 
     def sample(self) -> None:
         pids = tree_pids(self.root, _proc_table())
         rss = {p: _status_kib(p, (b"VmRSS",)).get(b"VmRSS", 0) for p in pids}
-        pss = sum(_pss_kib(p) for p in pids)
+        parts = [_pss_kib(p) for p in pids]
+        pss, anon, shmem = (sum(d[k] for d in parts) for k in PSS_KEYS)
         total = sum(rss.values())
         with self._lock:
             self.samples += 1
             self.peak_procs = max(self.peak_procs, len(pids))
             self.peak_pss = max(self.peak_pss, pss)
+            self.peak_anon = max(self.peak_anon, anon)
+            self.series.append((time.monotonic(), anon))
+            self.peak_shmem = max(self.peak_shmem, shmem)
             if total > self.peak_rss:
                 self.peak_rss = total
                 self.peak_top = [{"pid": p, "rss_mib": round(k / KIB, 1), "cmd": _title(p)}
@@ -149,8 +162,20 @@ class TreeMemory:
     def window(self) -> dict:
         self.sample()
         with self._lock:
-            return {"tree_rss_mib": round(self.peak_rss / KIB, 1), "tree_pss_mib": round(self.peak_pss / KIB, 1),
+            return {**self._quarters(),
+                    "tree_rss_mib": round(self.peak_rss / KIB, 1), "tree_pss_mib": round(self.peak_pss / KIB, 1),
+                    "tree_anon_mib": round(self.peak_anon / KIB, 1), "tree_shmem_mib": round(self.peak_shmem / KIB, 1),
                     "processes": self.peak_procs, "samples": self.samples, "top": self.peak_top}
+
+    def _quarters(self) -> dict:
+        """Peak anonymous memory in the first and in the last quarter of the window: equal when the stage
+        streams (its memory does not grow with the images it has done); None for windows under 8 samples."""
+        if len(self.series) < 8:
+            return {"anon_first_quarter_mib": None, "anon_last_quarter_mib": None}
+        t0, t1 = self.series[0][0], self.series[-1][0]
+        first = max(a for t, a in self.series if t <= t0 + (t1 - t0) / 4)
+        last = max(a for t, a in self.series if t >= t1 - (t1 - t0) / 4)
+        return {"anon_first_quarter_mib": round(first / KIB, 1), "anon_last_quarter_mib": round(last / KIB, 1)}
 
     def stop(self) -> None:
         self._stop.set()
@@ -242,7 +267,8 @@ def run_one(args: argparse.Namespace) -> int:
         Path(args.one_out).write_text(json.dumps(result, indent=2, default=str))  # partial: a stopped run keeps it
         print(f"  [{n}] {name:<11} {seconds:7.1f}s  {1000 * seconds / n:7.2f} ms/img  CPU {1000 * clock.tree_cpu_s / n:7.2f} "
               f"ms/img  tree RSS {window['tree_rss_mib']:7.0f} MiB  PSS {window['tree_pss_mib']:7.0f} MiB  "
-              f"driver {hwm / KIB:6.0f} MiB  rows {status.rows}  load {clock.loadavg:.1f}", flush=True)
+              f"driver {hwm / KIB:6.0f} MiB  anon 1st/last quarter {window['anon_first_quarter_mib']}/"
+              f"{window['anon_last_quarter_mib']} MiB  rows {status.rows}  load {clock.loadavg:.1f}", flush=True)
     mem.stop()
     ray.shutdown()
     Path(args.one_out).write_text(json.dumps(result, indent=2, default=str))
@@ -260,7 +286,9 @@ def figures(report: dict) -> dict:
     for s in stages:
         row = {n: {k: report["sizes"][n]["stages"][s][k] for k in
                    ("seconds", "ms_per_image", "cpu_ms_per_image", "loadavg_1m", "rows", "tree_rss_mib", "tree_pss_mib",
-                    "driver_peak_mib", "processes")}
+                    "tree_anon_mib", "tree_shmem_mib", "anon_first_quarter_mib", "anon_last_quarter_mib",
+                    "driver_peak_mib", "processes")
+                   if k in report["sizes"][n]["stages"][s]}
                for n in sizes if s in report["sizes"][n]["stages"]}
         have = sorted(row, key=int)
         lo, hi = row[have[0]], row[have[-1]]
@@ -269,6 +297,9 @@ def figures(report: dict) -> dict:
         row["growth_cpu_ms_per_image"] = round(hi["cpu_ms_per_image"] / lo["cpu_ms_per_image"], 2) \
             if lo["cpu_ms_per_image"] else None
         row["growth_tree_pss"] = round(hi["tree_pss_mib"] / lo["tree_pss_mib"], 2) if lo["tree_pss_mib"] else None
+        row["growth_tree_anon"] = round(hi["tree_anon_mib"] / lo["tree_anon_mib"], 2) if lo.get("tree_anon_mib") else None
+        first, last = hi.get("anon_first_quarter_mib"), hi.get("anon_last_quarter_mib")
+        row["in_stage_anon_drift"] = round(last / first, 2) if first and last else None  # at the largest size
         row["growth_driver_peak"] = round(hi["driver_peak_mib"] / lo["driver_peak_mib"], 2) if lo["driver_peak_mib"] else None
         per_stage[s] = row
     return {"sizes": [int(n) for n in sizes], "settings": report["settings"], "stages": per_stage,
@@ -281,7 +312,8 @@ def print_table(report: dict) -> None:
     head = f"{'stage':<11} " + " ".join(f"{'ms/img@' + n:>12}" for n in sizes) + "  " + \
         " ".join(f"{'CPU ms/img@' + n:>16}" for n in sizes) + "  " + \
         " ".join(f"{'PSS MiB@' + n:>13}" for n in sizes) + "  " + \
-        " ".join(f"{'driver@' + n:>12}" for n in sizes) + f"  {'time x':>6} {'CPU x':>6} {'PSS x':>6}"
+        " ".join(f"{'anon MiB@' + n:>14}" for n in sizes) + "  " + \
+        " ".join(f"{'driver@' + n:>12}" for n in sizes) + f"  {'time x':>6} {'CPU x':>6} {'PSS x':>6} {'anon x':>6} {'drift':>6}"
     print(head)
     print("-" * len(head))
     def cells(row: dict, key: str, width: int, fmt: str) -> str:
@@ -289,10 +321,14 @@ def print_table(report: dict) -> None:
 
     for s, row in fig["stages"].items():
         print(f"{s:<11} " + cells(row, "ms_per_image", 12, ".2f") + "  " + cells(row, "cpu_ms_per_image", 16, ".2f") +
-              "  " + cells(row, "tree_pss_mib", 13, ".0f") + "  " + cells(row, "driver_peak_mib", 12, ".0f") +
+              "  " + cells(row, "tree_pss_mib", 13, ".0f") + "  " + cells(row, "tree_anon_mib", 14, ".0f") +
+              "  " + cells(row, "driver_peak_mib", 12, ".0f") +
               f"  {row['growth_ms_per_image'] or 0:>6.2f} {row['growth_cpu_ms_per_image'] or 0:>6.2f}"
-              f" {row['growth_tree_pss'] or 0:>6.2f}")
-    print("(x: largest size ÷ smallest, of wall ms per image, CPU ms per image and peak tree PSS; flat = ~1. "
+              f" {row['growth_tree_pss'] or 0:>6.2f} {row['growth_tree_anon'] or 0:>6.2f}"
+              f" {format(row['in_stage_anon_drift'], '.2f') if row['in_stage_anon_drift'] else '-':>6}")
+    print("(x: largest size ÷ smallest, of wall ms per image, CPU ms per image, peak tree PSS and its anonymous part — "
+          "the processes' own heaps, without Ray's shared-memory object store; flat = ~1. drift: at the largest size, peak "
+          "anonymous memory in the stage's last quarter ÷ in its first (a streaming stage: ~1). "
           "CPU ms/img = CPU seconds of our whole process tree ÷ images: unlike wall time, not inflated by other "
           "processes on a shared machine)")
 

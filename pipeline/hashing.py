@@ -26,6 +26,7 @@ def thumbnail(data: bytes, size: int = 32) -> np.ndarray | None:
 
 
 SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1), (2, 2), (-2, -2))
+PCA_CHUNK = 1024  # thumbnails augmented at a time by fit_pca: 8 x 1024 x d float64 (16 MiB at 16 x 16)
 
 
 def normalise(thumbs: np.ndarray) -> np.ndarray:
@@ -44,7 +45,7 @@ def augment(thumbs: np.ndarray) -> np.ndarray:
     return np.concatenate(out).reshape(-1, side * side)
 
 
-def fit_pca(samples: np.ndarray, bits: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def fit_pca(samples: np.ndarray, bits: int, chunk: int = PCA_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Mean [d] and top-``bits`` principal directions [bits, d] of thumbnails [n, d] (uint8).
 
     Fitted on the normalised, augmented sample. Streams: the sample is augmented ``chunk`` thumbnails at a

@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline.config import Config, ConfigError
 from pipeline.embedding.spec import ModelSpec, parse_spec
+from pipeline.hashing import PCA_CHUNK
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 PLAN_STAGES = ("ingest", "hash_dedup", "nsfw", "face_blur", "embed", "copy_dedup", "cluster", "retrieve", "dataset")
@@ -367,7 +368,7 @@ def estimate(cfg: Config, corpus: Corpus, hw: Hardware = Hardware(), results: di
             # fit_pca streams the sample into a d x d scatter matrix: the sampled thumbnails (uint8, d bytes each)
             # stay in the driver, plus a few MB of chunk and matrix whatever the sample size
             side2 = hd.thumb_size ** 2
-            pca = min(u, hd.pca_sample) * side2 + 4096 * 8 * side2 * 8 * 3 + side2 * side2 * 8 * 4
+            pca = min(u, hd.pca_sample) * side2 + PCA_CHUNK * 8 * side2 * 8 * 3 + side2 * side2 * 8 * 4
             st.memory_bytes = codes + pca
             st.notes.append(f"driver: {hd.bits}-bit codes of every image for the range search ({_bytes(codes)}) and the "
                             f"PCA fit over {_count(min(u, hd.pca_sample))} sampled thumbnails ({_bytes(pca)})")
@@ -421,8 +422,10 @@ def estimate(cfg: Config, corpus: Corpus, hw: Hardware = Hardware(), results: di
     _growth_notes(m, stages)
     for st in stages:
         if st.memory_bytes and st.memory_bytes > hw.driver_memory_gib * 2**30 and st.stage in ("copy_dedup", "cluster", "retrieve", "hash_dedup"):
+            why = ("it groups duplicates over the whole catalog there" if st.stage == "hash_dedup" else
+                   "vector stages load every kept embedding as float32 in the driver")
             warnings.append(f"{st.stage}: needs {_bytes(st.memory_bytes)} in one process (the driver), more than its "
-                            f"{hw.driver_memory_gib:g} GiB: vector stages load every kept embedding as float32 in the driver")
+                            f"{hw.driver_memory_gib:g} GiB: {why}")
     if kind in ("ivf", "ivfpq") and (cd.index.nlist or 0) > 100_000 // 39:
         warnings.append(f"copy_dedup/retrieve: nlist {cd.index.nlist} is trained on 100,000 sampled rows (IndexSpec."
                         f"train_sample), {100_000 // max(cd.index.nlist, 1)} per list; FAISS wants >= 39")
@@ -453,6 +456,15 @@ def _growth_notes(m: _Measured, stages: list[StageEstimate]) -> None:
                             f"{lo['tree_pss_mib']:.0f} -> {hi['tree_pss_mib']:.0f} MiB, driver {lo['driver_peak_mib']:.0f} -> "
                             f"{hi['driver_peak_mib']:.0f} MiB, CPU {lo['cpu_ms_per_image']:.1f} -> "
                             f"{hi['cpu_ms_per_image']:.1f} ms/image (growth.json)")
+        if st.stage == "hash_dedup":  # decides over the whole catalog in the driver: its heap grows per image
+            sizes = sorted((int(n) for n in row if n.isdigit()))[-2:]
+            if len(sizes) == 2:
+                a, b = (row[str(n)]["driver_peak_mib"] for n in sizes)
+                per_image = max(0.0, (b - a) * 2**20 / (sizes[1] - sizes[0]))
+                heap = per_image * st.images
+                st.memory_bytes = max(st.memory_bytes or 0.0, heap)
+                st.notes.append(f"driver heap measured to grow {per_image / 1024:.1f} KiB per image ({sizes[0]} -> "
+                                f"{sizes[1]} images, growth.json): ~{_bytes(heap)} here")
 
 
 # ---------------------------------------------------------------- corpus size from the sources

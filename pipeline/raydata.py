@@ -101,7 +101,7 @@ def map_shards(inputs: list[tuple[int, ShardRef]], fn: Callable | type, settings
     # unbounded, and each in flight costs a Ray worker process (memory grew with the shard count).
     ds = ds.map_batches(_read_shard, batch_size=1, batch_format="pyarrow", zero_copy_batch=True, num_cpus=READ_CPUS,
                         fn_kwargs={"columns": columns, "only_ok": only_ok},
-                        concurrency=min(len(inputs), concurrency + 1))
+                        compute=ray.data.TaskPoolStrategy(size=min(len(inputs), concurrency + 1)))
     is_class = isinstance(fn, type)
     # One task in flight per actor: an actor's finished shard is handed back before it starts the next
     # (with several queued, outputs were held back until the end of the run).

@@ -341,7 +341,7 @@ def leftover_temporaries(engine, stage: str) -> list[str]:
     """Temporary names left in the stage's unit folders and beside its published view (after a finished
     run there must be none)."""
     view = engine.stage_dir(stage)
-    beside = [p.name for p in view.parent.glob(f"{store.TMP_PREFIX}*-{view.name}")] if engine.stage(stage).per_source else []
+    beside = [p.name for p in view.parent.glob(f"{store.TMP_PREFIX}*-{view.name}")]
     return beside + [f"{u.label}/{p.name}" for u in engine.units(stage) if u.dir.is_dir()
                      for p in u.dir.iterdir() if p.name.startswith(store.TMP_PREFIX)]
 

@@ -133,6 +133,19 @@ def test_growth_figures_become_notes(tmp_path):
     assert any("1000 -> 20000 images: peak PSS of the process tree 700 -> 710 MiB" in n for n in ingest.notes)
 
 
+def test_hash_dedup_driver_heap_is_extrapolated_from_growth(tmp_path):
+    row = {"growth_sizes": [1000, 20000]} | {
+        str(n): {"tree_pss_mib": 1000.0, "driver_peak_mib": drv, "cpu_ms_per_image": 1.0}
+        for n, drv in ((1000, 300.0), (5000, 400.0), (20000, 550.0))}  # 150 MiB over the last 15,000 images
+    results = RESULTS | {"growth": {"figures": {}, "stages": {"hash_dedup": row}}}
+    hw = plan.Hardware(cpus=100, gpus=0, gpu="a100", driver_cpus=4, driver_gpus=0, driver_memory_gib=64)
+    p = plan.estimate(_cfg(tmp_path), plan.Corpus(1e9, 0, 0), hw, results=results)
+    hd = next(s for s in p.stages if s.stage == "hash_dedup")
+    assert hd.memory_bytes == pytest.approx(150 * 2**20 / 15_000 * 1e9)
+    assert any("driver heap measured to grow 10.2 KiB per image" in n for n in hd.notes)
+    assert any(w.startswith("hash_dedup: needs") and "whole catalog" in w for w in p.warnings)
+
+
 def test_record_and_load_results_round_trip(tmp_path):
     plan.record_result("filters", {"nsfw": {"core_s_per_image": 0.5}}, {"nproc": 2}, results_dir=tmp_path)
     (tmp_path / "broken.json").write_text("{")
