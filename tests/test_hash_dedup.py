@@ -84,10 +84,18 @@ def test_pca_hash_keeps_one_per_family_and_every_distinct_image(corpus, ray_sess
     assert not eng.ensure("hash_dedup").computed  # cached
 
 
-def test_phash_method_same_search_and_grouping(corpus, ray_session):
+def test_phash_method_same_search_and_grouping(corpus, ray_session, monkeypatch):
+    from pipeline.engine.store import ShardRef
+    from pipeline.stages.hash_dedup import CATALOG_COLUMNS
+
     root, truth = corpus
     eng = _engine(root, method="phash", radius=18)
+    eng.ensure("ingest")
+    reads, read = [], ShardRef.read
+    monkeypatch.setattr(ShardRef, "read", lambda self, columns=None: reads.append(columns) or read(self, columns))
     eng.ensure("hash_dedup")
+    n_shards = len(eng.shard_refs("ingest", partition="web"))
+    assert reads.count(CATALOG_COLUMNS) == n_shards > 1  # the catalog is read once per run (plan and compute share it)
     by_name = _check(eng, truth)
     assert by_name["brick-copy.jpg"]["reason"] == "exact_duplicate" or by_name["brick.jpg"]["reason"] == "exact_duplicate"
     assert str(np.load(__import__("io").BytesIO(eng.read_artifact("hash_dedup", "hash_model.npz")))["method"]) == "phash"

@@ -48,6 +48,7 @@ class StageContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("lvd"))
     show_progress: bool = True
     unit_dir: Path | None = None  # set while computing
+    memo: dict[str, Any] = field(default_factory=dict)  # what a stage's plan found, for its compute (one unit run)
 
     def write_artifact(self, name: str, data: bytes) -> None:
         """Store a file beside the shards (e.g. a fitted projection); listed, with its checksum, in the manifest."""

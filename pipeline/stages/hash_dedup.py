@@ -42,7 +42,13 @@ class HashDedup(Stage):
                 for ref in ctx.engine.shard_refs("ingest", partition=src.name)]
 
     def _catalog(self, ctx: StageContext) -> pa.Table:
-        """id, source, sha256 and size of every ok uncurated image, sorted by image_id."""
+        """id, source, sha256 and size of every ok uncurated image, sorted by image_id (read once per unit
+        run: plan and compute both need it, and reading verifies every ingest shard's checksum)."""
+        if "catalog" not in ctx.memo:
+            ctx.memo["catalog"] = self._read_catalog(ctx)
+        return ctx.memo["catalog"]
+
+    def _read_catalog(self, ctx: StageContext) -> pa.Table:
         tables = [ref.read(CATALOG_COLUMNS) for ref in self._inputs(ctx)]
         if not tables:
             return pa.table({c: [] for c in CATALOG_COLUMNS})
