@@ -12,6 +12,7 @@ export PREFECT_API_URL=${PREFECT_API_URL:-http://127.0.0.1:$PREFECT_PORT/api}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 export PREFECT_LOGGING_EXTRA_LOGGERS=${PREFECT_LOGGING_EXTRA_LOGGERS:-lvd}
 PREFECT_UI_URL=${PREFECT_API_URL%/api}
+LVD_RAY_TOKEN=$LVD_REPO/runs/.ray/auth_token   # the token of the Ray head demo.sh starts (never ~/.ray)
 LVD_STARTED=()   # names of the processes this shell started (see lvd_stop_started)
 
 lvd_log() { echo "[lvd] $*"; }
@@ -38,6 +39,7 @@ lvd_start() {
   mkdir -p "$LVD_PIDS" "$LVD_LOGS"
   setsid "$@" >"$LVD_LOGS/$name.log" 2>&1 < /dev/null &
   echo $! > "$LVD_PIDS/$name.pid"
+  disown $! 2>/dev/null || true   # no "Killed" notice from bash when lvd_stop has to SIGKILL it
   LVD_STARTED+=("$name")
 }
 
@@ -89,6 +91,21 @@ lvd_wait_http() {
   done
   [ -n "$name" ] && tail -n 30 "$LVD_LOGS/$name.log" >&2 2>/dev/null
   lvd_die "$what not ready after ${secs}s ($url)"
+}
+
+# lvd_use_ray_token: Ray token authentication with this checkout's own token, for this shell and
+# every process it starts (Ray head, dashboard, serving process, flow runs): runs/.ray/auth_token,
+# created on first use (mode 600) and reused after. Ray reads it through RAY_AUTH_TOKEN_PATH
+# (https://docs.ray.io/en/latest/ray-security/token-auth.html); a RAY_AUTH_TOKEN inherited from
+# the caller would take precedence over it, so it is dropped.
+lvd_use_ray_token() {
+  if [ ! -s "$LVD_RAY_TOKEN" ]; then
+    ( umask 077 && mkdir -p "$(dirname "$LVD_RAY_TOKEN")" \
+      && "$LVD_BIN/python" -c 'import secrets, sys; sys.stdout.write(secrets.token_hex(32))' > "$LVD_RAY_TOKEN.tmp" \
+      && mv "$LVD_RAY_TOKEN.tmp" "$LVD_RAY_TOKEN" ) || lvd_die "could not write the Ray token $LVD_RAY_TOKEN"
+  fi
+  unset RAY_AUTH_TOKEN
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$LVD_RAY_TOKEN
 }
 
 # Start the local Prefect server (SQLite under $PREFECT_HOME) unless one already answers.

@@ -20,6 +20,11 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
+def format_counts(counts: dict) -> str:
+    """One count column of a stage (``{value: n}``) as ``value=n, ...``, largest first."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def format_status_table(rows: list[StageStatus]) -> str:
     """A plain-text table of stage states (what `lvd status` prints)."""
     table = [("STAGE", "STATE", "FINGERPRINT", "ROWS", "SECONDS", "PATH")]
@@ -30,8 +35,7 @@ def format_status_table(rows: list[StageStatus]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in table]
     for r in rows:
         for col, counts in (r.counts or {}).items():
-            detail = ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
-            lines.append(f"  {r.stage} by {col}: {detail}")
+            lines.append(f"  {r.stage} by {col}: {format_counts(counts)}")
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 Built only from photos that ship inside installed packages (scikit-image's data folder and
 scikit-learn's sample images) plus numpy-generated images, so nothing is downloaded. The corpus
 has everything the curation pipeline must handle: near-duplicate families, exact duplicates
-under different URLs, bad URLs (404, HTML under a .jpg name, a truncated JPEG), robots.txt
+under different URLs, photo families (corner views that every dedup keeps and that clusters and
+retrievals should group with their photo; mirrored / rotated copies that only copy detection
+catches), bad URLs (404, HTML under a .jpg name, a truncated JPEG), robots.txt
 disallowed files, a URL list with a repeated line, a WARC with HTML pages and image records,
 a curated folder and an ImageFolder-style eval set. ``manifest.json`` records the ground truth.
 
@@ -12,8 +14,8 @@ Layout of ``out``::
     site/            files served by :func:`serve_demo_corpus` (robots.txt disallows /private/)
     urls.txt         the URL list (base_url + paths)
     pages.warc.gz    HTML page and image response records
-    curated/         curated source (folder of photos)
-    eval/<class>/    evaluation images (ImageFolder layout)
+    curated/         curated source: the family photos (their uncurated views are what retrieval finds)
+    eval/<class>/    evaluation images (ImageFolder layout; copies of two non-family photos)
     labelled/{train,val}/<class>/   a small labelled set for kNN / linear probes (class = source photo)
     manifest.json    what was built and the expected ground truth
     access.log       appended by the server, one line per request
@@ -37,7 +39,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 DEFAULT_BASE_URL = "http://127.0.0.1:8765"
 MANAGED_DIRS = ("site", "curated", "eval", "labelled")
 PHOTO_MAX_SIDE = 512
@@ -67,7 +69,15 @@ PHOTO_CANDIDATES = [
 ]
 NEAR_DUP_PHOTOS = 6
 EXACT_DUP_PHOTOS = 4
-CURATED_PHOTOS = 10
+# Scene photos with distinct parts: each gets "views" (crops of a different corner, kept by every
+# dedup stage: what clusters and retrievals should group with the photo) and "copies" (a mirrored
+# and a rotated re-encode that the PCA hash misses: copy_dedup removes them). The curated set is
+# these photos, so each curated query has its own derived images to retrieve.
+FAMILY_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "china", "motorcycle", "camera", "ihc")
+VIEW_FRACTION = 0.5  # side of a view relative to the photo: the four quadrants
+VIEW_CORNERS = {"tl": (0.0, 0.0), "tr": (1.0, 0.0), "bl": (0.0, 1.0), "br": (1.0, 1.0)}
+VIEW_MAX_SIDE = 320
+EVAL_PHOTOS = {"flower": "flower", "coins": "coin"}  # photo → eval class (not family photos: see _add_eval)
 
 CONTENT_TYPES = {
     ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
@@ -104,16 +114,25 @@ class _Plan:
     url_lines: list[str] = field(default_factory=list)
     truth: dict = field(default_factory=lambda: {
         "near_duplicate_families": {}, "generated": [], "bad": [], "robots_disallowed": [],
-        "warc_page_only": [], "eval_copies": {}, "photo_origins": {}})
+        "warc_page_only": [], "eval_copies": {}, "photo_origins": {}, "families": {}, "derived_from": {},
+        "copy_of": {}})
     warc_images: list[dict] = field(default_factory=list)  # uri, status, content_type, body
 
     def url(self, site_path: str) -> str:
         return f"{self.base_url}/{site_path}"
 
-    def add_site(self, site_path: str, data: bytes, listed: bool = True) -> str:
+    def add_site(self, site_path: str, data: bytes, listed: bool = True, photo: str | None = None,
+                 copy: bool = False) -> str:
+        """Serve ``data`` at ``site_path`` (in urls.txt when ``listed``). ``photo``: the photo it shows
+        (truth ``derived_from``); ``copy``: it is a copy of that photo (truth ``copy_of``: a re-encode,
+        resize, small crop, mirror or rotation, which deduplication should collapse to one image)."""
         self.files[f"site/{site_path}"] = data
         if listed:
             self.url_lines.append(self.url(site_path))
+        if photo is not None:
+            self.truth["derived_from"][self.url(site_path)] = photo
+            if copy:
+                self.truth["copy_of"][self.url(site_path)] = photo
         return self.url(site_path)
 
 
@@ -262,7 +281,7 @@ def _add_photos(plan: _Plan, photos) -> dict[str, bytes]:
     for name, origin, img in photos:
         data = encode(img, "JPEG", 90)
         originals[name] = data
-        plan.add_site(f"photos/{name}.jpg", data)
+        plan.add_site(f"photos/{name}.jpg", data, photo=name)
         plan.truth["photo_origins"][plan.url(f"photos/{name}.jpg")] = origin
     return originals
 
@@ -272,13 +291,47 @@ def _add_near_dups(plan: _Plan, photos) -> None:
         family = [plan.url(f"photos/{name}.jpg")]
         for variant, make in NEAR_DUP_VARIANTS.items():
             derived, quality = make(img)
-            family.append(plan.add_site(f"near/{name}-{variant}.jpg", encode(derived, "JPEG", quality)))
+            family.append(plan.add_site(f"near/{name}-{variant}.jpg", encode(derived, "JPEG", quality), photo=name,
+                                        copy=True))
         plan.truth["near_duplicate_families"][name] = family
+
+
+def _corner(img: Image.Image, fx: float, fy: float, frac: float) -> Image.Image:
+    w, h = round(img.width * frac), round(img.height * frac)
+    x, y = round((img.width - w) * fx), round((img.height - h) * fy)
+    return img.crop((x, y, x + w, y + h))
+
+
+COPY_VARIANTS: dict[str, Callable[[Image.Image], tuple[Image.Image, int]]] = {
+    "mirror": lambda im: (_fit(im.transpose(Image.FLIP_LEFT_RIGHT), round(max(im.size) * 0.85)), 75),
+    "rotated": lambda im: (im.convert("RGB").rotate(6, resample=Image.BICUBIC, fillcolor=(128, 128, 128)), 80),
+}
+
+
+def _family_photos(photos) -> list[tuple[str, str, Image.Image]]:
+    """The FAMILY_PHOTOS present on disk, in FAMILY_PHOTOS order."""
+    by_name = {p[0]: p for p in photos}
+    return [by_name[name] for name in FAMILY_PHOTOS if name in by_name]
+
+
+def _add_families(plan: _Plan, photos) -> None:
+    """Views (kept) and copies (removed by copy_dedup) of each family photo; truth maps URL → photo."""
+    for name, _, img in _family_photos(photos):
+        views = [plan.add_site(f"views/{name}-{pos}.jpg",
+                               encode(_fit(_corner(img, fx, fy, VIEW_FRACTION), VIEW_MAX_SIDE).convert("RGB"), "JPEG", 85),
+                               photo=name)
+                 for pos, (fx, fy) in VIEW_CORNERS.items()]
+        copies = []
+        for variant, make in COPY_VARIANTS.items():
+            derived, quality = make(img)
+            copies.append(plan.add_site(f"copies/{name}-{variant}.jpg", encode(derived.convert("RGB"), "JPEG", quality),
+                                        photo=name, copy=True))
+        plan.truth["families"][name] = {"original": plan.url(f"photos/{name}.jpg"), "views": views, "copies": copies}
 
 
 def _add_mirrors(plan: _Plan, photos, originals: dict[str, bytes]) -> None:
     for name, _, _ in photos[NEAR_DUP_PHOTOS:NEAR_DUP_PHOTOS + EXACT_DUP_PHOTOS]:
-        plan.add_site(f"mirror/{name}-copy.jpg", originals[name])
+        plan.add_site(f"mirror/{name}-copy.jpg", originals[name], photo=name, copy=True)
 
 
 def _add_generated(plan: _Plan) -> dict[str, bytes]:
@@ -292,7 +345,7 @@ def _add_generated(plan: _Plan) -> dict[str, bytes]:
 
 def _add_private(plan: _Plan, photos, generated: dict[str, bytes]) -> None:
     name, _, img = photos[-1]
-    urls = [plan.add_site("private/secret-1.jpg", encode(_crop(img, 0.1), "JPEG", 80)),
+    urls = [plan.add_site("private/secret-1.jpg", encode(_crop(img, 0.1), "JPEG", 80), photo=name),
             plan.add_site("private/secret-2.png", generated["gradient-00.png"])]
     plan.truth["robots_disallowed"] = urls
     for url in urls:
@@ -355,7 +408,8 @@ def _add_extra_and_pages(plan: _Plan, photos) -> dict[str, str]:
     extra = []
     for name, _, img in sources:
         filename = f"{name}-wide.jpg"
-        plan.add_site(f"extra/{filename}", encode(img.transpose(Image.FLIP_LEFT_RIGHT), "JPEG", 88), listed=False)
+        plan.add_site(f"extra/{filename}", encode(img.transpose(Image.FLIP_LEFT_RIGHT), "JPEG", 88), listed=False,
+                      photo=name, copy=True)
         extra.append(filename)
         plan.truth["warc_page_only"].append(plan.url(f"extra/{filename}"))
     pages = _gallery_pages(plan, photos, extra)
@@ -439,31 +493,29 @@ def build_warc(plan: _Plan, pages: dict[str, str], images: list[dict]) -> bytes:
 
 
 def _add_curated(plan: _Plan, photos) -> None:
-    for i, (name, _, img) in enumerate(photos[:CURATED_PHOTOS]):
+    family = _family_photos(photos)
+    for i, (name, _, img) in enumerate(family):
         small = _fit(img, 384)
-        if i == CURATED_PHOTOS - 1:
+        if i == len(family) - 1:
             plan.files[f"curated/more/{name}.png"] = encode(small, "PNG")
         else:
             plan.files[f"curated/{name}.jpg"] = encode(small, "JPEG", 85)
 
 
 def _add_eval(plan: _Plan, photos) -> None:
+    """Eval images: copies of two non-family photos (decontamination removes their uncurated
+    copies; family photos stay for retrieval) and generated patterns that are in no other set."""
     by_name = {name: img for name, _, img in photos}
-    cat, cup = by_name.get("chelsea", photos[0][2]), by_name.get("coffee", photos[1][2])
-    cat_name = "chelsea" if "chelsea" in by_name else photos[0][0]
-    cup_name = "coffee" if "coffee" in by_name else photos[1][0]
-    plan.files["eval/cat/cat-crop.jpg"] = encode(_crop(cat, 0.04), "JPEG", 90)
-    plan.files["eval/cat/cat-flip.jpg"] = encode(cat.transpose(Image.FLIP_LEFT_RIGHT), "JPEG", 90)
-    plan.files["eval/cup/cup-crop.jpg"] = encode(_crop(cup, 0.04), "JPEG", 90)
-    plan.files["eval/cup/cup-gray.jpg"] = encode(cup.convert("L"), "JPEG", 90)
+    chosen = [n for n in EVAL_PHOTOS if n in by_name] or [photos[-1][0]]
+    families = plan.truth["near_duplicate_families"]
+    for name in chosen:
+        cls, img = EVAL_PHOTOS.get(name, name), by_name[name]
+        plan.files[f"eval/{cls}/{cls}-crop.jpg"] = encode(_crop(img, 0.04), "JPEG", 90)
+        plan.files[f"eval/{cls}/{cls}-flip.jpg"] = encode(img.transpose(Image.FLIP_LEFT_RIGHT), "JPEG", 90)
+        plan.truth["eval_copies"][f"eval/{cls}/{cls}-crop.jpg"] = families.get(name, [plan.url(f"photos/{name}.jpg")])
     rng = np.random.default_rng(2024)
     for i in range(2):
         plan.files[f"eval/pattern/pattern-{i:02d}.png"] = encode(_shapes(rng, 160), "PNG")
-    families = plan.truth["near_duplicate_families"]
-    plan.truth["eval_copies"] = {
-        "eval/cat/cat-crop.jpg": families.get(cat_name, [plan.url(f"photos/{cat_name}.jpg")]),
-        "eval/cup/cup-crop.jpg": families.get(cup_name, [plan.url(f"photos/{cup_name}.jpg")]),
-    }
 
 
 LABELLED_CLASSES = 6
@@ -543,6 +595,7 @@ def plan_corpus(base_url: str) -> tuple[_Plan, dict]:
     originals = _add_photos(plan, photos)
     _add_near_dups(plan, photos)
     _add_mirrors(plan, photos, originals)
+    _add_families(plan, photos)
     generated = _add_generated(plan)
     plan.add_site("gen/gradient-00-again.png", generated["gradient-00.png"])
     _add_private(plan, photos, generated)
@@ -550,6 +603,9 @@ def plan_corpus(base_url: str) -> tuple[_Plan, dict]:
     plan.url_lines.append(plan.url_lines[0])  # one repeated line
     pages = _add_extra_and_pages(plan, photos)
     plan.warc_images = _warc_image_records(plan, photos, originals)
+    copy_uri = plan.url(f"warc-only/{photos[-1][0]}-copy.jpg")
+    plan.truth["derived_from"].update({plan.url("warc-only/poster.jpg"): photos[1][0], copy_uri: photos[-1][0]})
+    plan.truth["copy_of"][copy_uri] = photos[-1][0]
     plan.files["pages.warc.gz"] = build_warc(plan, pages, plan.warc_images)
     plan.files["urls.txt"] = ("\n".join(plan.url_lines) + "\n").encode()
     _add_curated(plan, photos)

@@ -31,15 +31,16 @@ root: out
 sources:
   uncurated: [{{name: web, urls: {urls}, warc: ['{warc}']}}]
   curated: [{{name: cur, images: {curated}}}]
+  eval: [{{name: ev, images: {eval}}}]
 engine: {{shard_rows: 32}}
 ingest: {{allow_private_addresses: true}}
 hash_dedup: {{radius: 12, concurrency: 1}}
 nsfw: {{threshold: 0.08, concurrency: 1, batch_size: 32}}   # low: a few demo images are removed as NSFW
 face_blur: {{concurrency: 1}}
-embed: {{model: 'open_clip:ViT-B-32:none', batch_size: 32, concurrency: 1}}
-copy_dedup: {{k: 16, threshold: 0.98, eval_threshold: 0.95}}
-cluster: {{n_clusters: 8}}
-retrieve: {{min_hits: 0, per_cluster: 20}}
+embed: {{model: 'timm:efficientnet_lite0:package', batch_size: 32, concurrency: 1}}
+copy_dedup: {{k: 16, threshold: 0.85, eval_threshold: 0.83}}   # as configs/demo.yaml (measured there)
+cluster: {{n_clusters: 16}}
+retrieve: {{method: sample, k: 4}}
 """
 
 
@@ -47,7 +48,7 @@ retrieve: {{min_hits: 0, per_cluster: 20}}
 def demo_run(tmp_path_factory, ray_session):
     """The curation DAG (ingest … dataset) run once through the engine on the demo corpus served on
     loopback (as tests/test_pipeline_flow.py builds it), with an NSFW threshold low enough to remove a
-    few images and random embedding weights (as configs/demo.yaml). Returns (config path, corpus)."""
+    few images and the demo's packaged pretrained embedder (as configs/demo.yaml). Returns (config path, corpus)."""
     from pipeline.config import load_config
     from pipeline.democorpus import build_demo_corpus, serve_demo_corpus
     from pipeline.engine import Engine
@@ -56,7 +57,8 @@ def demo_run(tmp_path_factory, ray_session):
     with serve_demo_corpus(root / "corpus", port=0) as server:
         corpus = build_demo_corpus(root / "corpus", base_url=server.url)
         cfg = root / "demo.yaml"
-        cfg.write_text(DEMO_RUN_YAML.format(urls=corpus.urls, warc=corpus.warc, curated=corpus.curated))
+        cfg.write_text(DEMO_RUN_YAML.format(urls=corpus.urls, warc=corpus.warc, curated=corpus.curated,
+                                            eval=corpus.eval))
         Engine(load_config(cfg), show_progress=False).run(until="dataset")
     return cfg, corpus
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from PIL import Image, ImageEnhance
 
 SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
 SKLEARN_IMAGES = Path(__import__("sklearn").__file__).parent / "datasets" / "images"
+ROOT = Path(__file__).resolve().parent.parent
 
 PHOTOS = {  # name → file shipped in a package (never downloaded)
     "astronaut": SKIMAGE_DATA / "astronaut.png", "coffee": SKIMAGE_DATA / "coffee.png",
@@ -61,3 +63,10 @@ def generated(seed: int, size: tuple[int, int] = (160, 120)) -> bytes:
         x0, y0 = rng.integers(0, w - 20), rng.integers(0, h - 20)
         arr[y0:y0 + rng.integers(10, 40), x0:x0 + rng.integers(10, 40)] = rng.integers(0, 255, 3)
     return jpeg(Image.fromarray(arr))
+
+
+def artifacts_dir() -> Path:
+    """Where tests save what a person should look at (screenshots, reports): $TEST_ARTIFACTS_DIR or tests/artifacts."""
+    out = Path(os.environ.get("TEST_ARTIFACTS_DIR") or ROOT / "tests" / "artifacts")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,7 +1,8 @@
 """The dashboard in a real headless browser (Debian's chromium driven through chromedriver by selenium),
 served by `lvd dashboard` itself: the overview loads, a cluster page shows thumbnails, clicking goes on
-to a query and to an image's trail, the map opens a cluster, NSFW removals stay grey. A screenshot of
-the cluster page is saved under $TEST_ARTIFACTS_DIR (default tests/artifacts/)."""
+to a query and to an image's trail, the map opens a cluster, NSFW removals stay grey. Screenshots of
+the cluster page and of a query page (the demo's real features: one photo's views together, neighbours
+of the query photo's own) are saved under $TEST_ARTIFACTS_DIR (default tests/artifacts/)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from photos import artifacts_dir
 from prefect_server import free_port, http_ok, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,12 +23,6 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,1000"]
 WAIT_S = 60
-
-
-def artifacts_dir() -> Path:
-    out = Path(os.environ.get("TEST_ARTIFACTS_DIR") or ROOT / "tests" / "artifacts")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +94,8 @@ def test_click_through_overview_cluster_query_trail(browser, dashboard, demo_run
     stages = [tr.get_attribute("data-stage") for tr in d.find_elements(By.CSS_SELECTOR, "#funnel tbody tr")]
     assert stages[:9] == ["ingest", "hash_dedup", "nsfw", "face_blur", "embed", "copy_dedup", "cluster", "retrieve",
                           "dataset"]
-    assert "random weights" in d.find_element(By.CSS_SELECTOR, ".facts").text
+    facts = d.find_element(By.CSS_SELECTOR, ".facts").text
+    assert "timm:efficientnet_lite0:package" in facts and "random weights" not in facts
 
     # clusters, sorted by what retrieval took from them: open the first
     d.find_element(By.ID, "nav-clusters").click()
@@ -118,6 +115,9 @@ def test_click_through_overview_cluster_query_trail(browser, dashboard, demo_run
     d.find_element(By.CSS_SELECTOR, "#cluster-queries a.query-link").click()
     _wait(d, lambda drv: drv.find_elements(By.ID, "query-title"), "the query page")
     assert d.find_elements(By.CSS_SELECTOR, "#neighbours a.neighbour-link")
+    _wait(d, lambda drv: _images_loaded(drv, "#neighbours img"), "neighbour thumbnails")
+    shot = artifacts_dir() / "dashboard-query.png"
+    assert d.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     query_url = d.current_url
     d.find_element(By.ID, "query-provenance").click()
     _wait(d, lambda drv: drv.find_elements(By.ID, "trail"), "the trail page")

@@ -102,7 +102,8 @@ def test_a_changed_stage_gets_its_own_index(run, demo_run) -> None:
     engine, idx = run
     cfg, _ = demo_run
     other = cfg.with_name("demo-fewer.yaml")
-    other.write_text(cfg.read_text().replace("per_cluster: 20", "per_cluster: 2"))
+    other.write_text(cfg.read_text().replace("retrieve: {method: sample, k: 4}",
+                                             "retrieve: {method: cluster, min_hits: 0, per_cluster: 2}"))
     eng2 = Engine(load_config(other), show_progress=False)
     eng2.run(until="dataset")  # retrieve and dataset only (the rest is reused)
     idx2 = RunIndex(ensure_index(eng2))

