@@ -17,7 +17,7 @@ def test_demo_config_validates():
     cfg = load_config(DEFAULT_CONFIG)
     assert cfg.name == "demo" and cfg.ingest.allow_private_addresses
     assert cfg.root == (DEFAULT_CONFIG.parent / "../runs/demo").resolve()
-    assert [s.name for _, s in cfg.sources.all()] == ["web", "demo-curated"]
+    assert [s.name for _, s in cfg.sources.all()] == ["web", "demo-curated", "demo-eval"]
 
 
 def test_unknown_key_is_named(tmp_path):
