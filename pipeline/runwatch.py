@@ -233,16 +233,21 @@ def format_logs(logs: Iterable[Any], task_run_names: dict[Any, str]) -> list[str
 
 
 # ------------------------------------------------------------------------------------ Prefect side
+async def _paged(read: Callable[..., Any], page_size: int = 200, **kwargs: Any) -> list[Any]:
+    """Every record of a paged Prefect client read (``limit`` / ``offset``)."""
+    out: list[Any] = []
+    while True:
+        page = await read(limit=page_size, offset=len(out), **kwargs)
+        out += page
+        if len(page) < page_size:
+            return out
+
+
 async def _task_runs(client: Any, flow_run_id: UUID) -> list[Any]:
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
     flt = TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
-    out: list[Any] = []
-    while True:
-        page = await client.read_task_runs(task_run_filter=flt, limit=200, offset=len(out))
-        out += page
-        if len(page) < 200:
-            return out
+    return await _paged(client.read_task_runs, task_run_filter=flt)
 
 
 async def _logs(client: Any, flow_run_id: UUID) -> list[Any]:
@@ -250,12 +255,7 @@ async def _logs(client: Any, flow_run_id: UUID) -> list[Any]:
     from prefect.client.schemas.sorting import LogSort
 
     flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-    out: list[Any] = []
-    while True:
-        page = await client.read_logs(log_filter=flt, limit=200, offset=len(out), sort=LogSort.TIMESTAMP_ASC)
-        out += page
-        if len(page) < 200:
-            return out
+    return await _paged(client.read_logs, log_filter=flt, sort=LogSort.TIMESTAMP_ASC)
 
 
 async def _settle_logs(client: Any, flow_run_id: UUID, max_wait: float = 8.0) -> list[Any]:

@@ -9,7 +9,7 @@ import pytest
 
 from photos import artifacts_dir
 from pipeline.config import load_config
-from pipeline.demoeval import DemoReport, evaluate_demo, family_of_urls, main
+from pipeline.demoeval import FILTER_STAGES, DemoReport, evaluate_demo, family_of_urls, main
 from pipeline.engine import Engine
 
 
@@ -27,7 +27,7 @@ def run(demo_run):
 def _decisions(engine: Engine) -> dict[str, tuple[str, str, str | None]]:
     """image_id → (stage, reason) of its removal (first removing stage), or absent when kept."""
     out: dict = {}
-    for stage in ("hash_dedup", "nsfw", "copy_dedup"):
+    for stage in FILTER_STAGES:
         for row in engine.read_table(stage).to_pylist():
             if row["decision"] == "removed":
                 out.setdefault(row["image_id"], (stage, row["reason"]))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -74,7 +75,7 @@ def locate_packaged(entry: PackagedWeights) -> tuple[str | None, str]:
     """
     spec = importlib.util.find_spec(entry.module)
     if spec is None or not spec.submodule_search_locations:
-        return None, f"the package {entry.distribution} is not installed in {os.path.dirname(os.__file__)}"
+        return None, f"the package {entry.distribution} is not installed in this environment ({sys.prefix})"
     root = list(spec.submodule_search_locations)[0]
     path = os.path.join(root, entry.resource)
     try:
