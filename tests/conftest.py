@@ -10,6 +10,45 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist (infra/test.sh runs LVD_TEST_WORKERS=2 workers) each group runs whole in one worker:
+# a module (its module-scoped fixtures are built once), or the modules sharing an expensive session
+# fixture. Groups are handed out longest first (durations measured on the 2-core machine), so the two
+# workers end together; then in collection order. (xdist's own loadgroup cannot be used: with pytest 9
+# its group suffix no longer reaches the node ids.)
+SHARED_FIXTURE_MODULES = {
+    "demo-run": ("test_dashboard_app", "test_dashboard_browser", "test_dashboard_data", "test_dashboard_index",
+                 "test_dashboard_thumbs", "test_demoeval"),  # demo_run
+    "tiny-teacher": ("test_local_train", "test_distill_ray"),  # trained_tiny_teacher
+}
+LONGEST_FIRST = ("test_demo_fresh", "test_kill_anywhere", "test_multinode", "tiny-teacher", "test_train_ray",
+                 "demo-run", "test_pipeline_flow", "test_deployment", "test_cli", "test_filter_stages")
+_GROUP_OF_MODULE = {m: g for g, modules in SHARED_FIXTURE_MODULES.items() for m in modules}
+
+
+def xdist_group(nodeid: str) -> str:
+    """The group a test runs in: its module's, or that of the session fixture its module shares."""
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return _GROUP_OF_MODULE.get(module, module)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):  # only an xdist worker's collection (what the scheduler hands out)
+        return
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(xdist_group(it.nodeid), len(rank)))  # stable: collection order otherwise
+
 
 @pytest.fixture(scope="session")
 def ray_session():

@@ -80,7 +80,7 @@ class PrefectServer:
     def log_path(self) -> Path:
         return self.home / "server.log"
 
-    def start(self, timeout: float = 60.0) -> "PrefectServer":
+    def start(self, timeout: float = 240.0) -> "PrefectServer":
         """Start the server and wait until /api/health answers."""
         self.home.mkdir(parents=True, exist_ok=True)
         env = self.env()

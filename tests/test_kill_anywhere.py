@@ -52,8 +52,10 @@ PLANS: dict[str, list] = {
     "retrieve": [("manifest", "tmp", 1), "delay"],
     # after the last shard, before the manifest (the dataset card used to be written here: the rerun failed)
     "dataset": [("shard", "renamed", -1), "delay"],
-    "train": ["checkpoint", ("manifest", "tmp", 1)],
-    "distill": ["checkpoint", ("artifact", "tmp", 1)],  # the first exported file half linked
+    # training: one kill each (a killed run costs a Ray Train start): train mid-run after its first
+    # checkpoint (resume), distill — the same training loop — with its first exported file half linked
+    "train": ["checkpoint"],
+    "distill": [("artifact", "tmp", 1)],
     "eval": [("artifact", "tmp", 1), "delay"],  # results.json half written
 }
 

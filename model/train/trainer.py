@@ -4,8 +4,9 @@ gloo on CPU, nccl on GPU; ``FailureConfig(max_failures)`` restarts the worker gr
 dies, and the workers resume from the latest checkpoint in ``job.checkpoint_dir`` (so
 ``out_dir`` must be storage every node sees). The driver tails worker 0's ``metrics.jsonl`` for a
 progress bar with the loss, and returns the export paths and the metrics history. A run whose
-loss became NaN/inf fails at once (``TrainingDiverged``) with the step and the loss terms, even
-with retries left.
+loss became NaN/inf fails at once (``TrainingDiverged``) with the step and the loss terms: the
+workers stop at that step and end normally, so Ray Train does not restart a group that would only
+diverge again.
 """
 from __future__ import annotations
 
@@ -77,10 +78,42 @@ class _Progress(threading.Thread):
         return done
 
 
+def _trainer_class() -> type:
+    """``TorchTrainer`` whose run ends without Ray's 12-second wait on its placement-group cleaner.
+
+    Ray Train 2.x stops that detached helper with ``ray.get(stop.remote(), timeout=12)``, but
+    ``stop`` exits the actor without returning, so every run waited the full 12 s before ``fit``
+    returned (measured on 2.60: "Failed to stop PlacementGroupCleaner gracefully", GetTimeoutError).
+    Here the stop request is sent and not waited on; the helper still exits. Falls back to the
+    stock trainer where Ray's internals differ."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+    if not hasattr(PlacementGroupCleanerCallback, "_stop_cleaner") or \
+            not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class NoWaitCleaner(PlacementGroupCleanerCallback):
+        def _stop_cleaner(self) -> None:
+            cleaner, self._cleaner = self._cleaner, None
+            if cleaner is not None:
+                cleaner.stop.remote()  # the actor exits on it: there is no reply to wait for
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [NoWaitCleaner() if type(cb) is PlacementGroupCleanerCallback else cb
+                    for cb in super()._create_default_callbacks()]
+
+    return Trainer
+
+
 def run_job(job: TrainJob, scaling: Scaling, *, name: str = "train", progress: bool = True) -> TrainOutcome:
     """Run ``job`` on Ray Train (Ray must be initialised); returns the export and the metrics."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from model.train.worker import train_loop_per_worker
 
@@ -90,7 +123,7 @@ def run_job(job: TrainJob, scaling: Scaling, *, name: str = "train", progress: b
     job.diverged_path.unlink(missing_ok=True)
     (out / "result.json").unlink(missing_ok=True)
     (out / "job.json").write_text(job.to_json())
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config={"job": asdict(job), "use_gpu": scaling.use_gpu},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
@@ -111,6 +144,8 @@ def run_job(job: TrainJob, scaling: Scaling, *, name: str = "train", progress: b
     finally:
         bar.stop.set()
         bar.join(timeout=5)
+    if job.diverged_path.is_file():  # the workers stopped at the non-finite step (no restart)
+        raise TrainingDiverged(json.loads(job.diverged_path.read_text())["message"])
     result_path = out / "result.json"
     if not result_path.is_file():
         raise RuntimeError(f"{job.kind} finished without writing {result_path}; see the Ray logs")

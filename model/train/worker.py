@@ -178,7 +178,7 @@ class Trainer:
     def run(self, report: Any = None) -> dict[str, Any]:
         job = self.job
         if job.diverged_path.is_file():  # a restart after divergence would only diverge again
-            raise TrainingDiverged(json.loads(job.diverged_path.read_text())["message"])
+            return {}
         start = self.resume()
         if job.knn is not None and job.knn.every > 0:
             from model.eval.features import make_eval_transform
@@ -196,9 +196,12 @@ class Trainer:
                 try:
                     check_finite(it, {k: record[k] for k in ("total", *self.model.loss_terms.names) if k in record})
                 except TrainingDiverged as err:
+                    # every rank sees the same (averaged) loss: all stop here and end normally, so Ray Train
+                    # does not restart a worker group that would only diverge again; the driver raises
                     if self.rank == 0:
                         ckpt._write_text_atomic(job.diverged_path, json.dumps({"step": it, "message": str(err)}))
-                    raise
+                    log.error("%s", err)
+                    return {}
                 window_n += 1
                 done = it + 1
                 if self.knn is not None and self.knn.due(it, last):

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.engine import Shard, Stage, StageContext, register
-from pipeline.stages.vectorio import hash_shards, load_vectors, split_shards
+from pipeline.stages.vectorio import planned_shards, load_vectors, split_shards
 from pipeline.tables import CLUSTERS_SCHEMA
 from pipeline.vectors.kmeans import hierarchical_kmeans, spherical_kmeans
 
@@ -39,7 +39,7 @@ class Cluster(Stage):
     description = "spherical k-means (FAISS) of the deduplicated uncurated embeddings; optional hierarchy"
 
     def plan(self, ctx: StageContext) -> list[Shard]:
-        return hash_shards(ctx, len(load_vectors(ctx, ("uncurated",)).ids))
+        return planned_shards(ctx)
 
     def compute(self, ctx: StageContext, shards: list[Shard]) -> Iterator[tuple[int, pa.Table]]:
         cfg = ctx.section

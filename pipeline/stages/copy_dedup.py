@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.engine import Shard, Stage, StageContext, register
-from pipeline.stages.vectorio import hash_shards, index_spec, load_vectors, split_shards
+from pipeline.stages.vectorio import planned_shards, index_spec, load_vectors, split_shards
 from pipeline.tables import DECISIONS_SCHEMA
 from pipeline.vectors.copydetect import copy_components, decontaminate, pick_kept
 
@@ -32,7 +32,7 @@ class CopyDedup(Stage):
     description = "copy detection (kNN graph, cosine > 0.6, components) and eval-set decontamination (> 0.45)"
 
     def plan(self, ctx: StageContext) -> list[Shard]:
-        return hash_shards(ctx, len(load_vectors(ctx, ("uncurated",)).ids))
+        return planned_shards(ctx)
 
     def compute(self, ctx: StageContext, shards: list[Shard]) -> Iterator[tuple[int, pa.Table]]:
         yield from split_shards(self._decide(ctx), shards)

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from pipeline.engine import Shard, Stage, StageContext, register
 from pipeline.stages.cluster import load_centroids
-from pipeline.stages.vectorio import hash_shards, index_spec, load_vectors, split_shards
+from pipeline.stages.vectorio import planned_shards, index_spec, load_vectors, split_shards
 from pipeline.tables import RETRIEVAL_SCHEMA
 from pipeline.vectors.index import build_index
 from pipeline.vectors.kmeans import assign_to
@@ -36,7 +36,7 @@ class Retrieve(Stage):
     description = "sample-based and cluster-based retrieval of uncurated images near each curated source"
 
     def plan(self, ctx: StageContext) -> list[Shard]:
-        return hash_shards(ctx, len(load_vectors(ctx, ("uncurated",)).ids))
+        return planned_shards(ctx)
 
     def compute(self, ctx: StageContext, shards: list[Shard]) -> Iterator[tuple[int, pa.Table]]:
         cfg = ctx.section

@@ -45,6 +45,18 @@ def index_spec(cfg: IndexConfig, seed: int = 0) -> IndexSpec:
     return IndexSpec(kind=cfg.kind, flat_max=cfg.flat_max, nlist=cfg.nlist, pq_m=cfg.pq_m, nprobe=cfg.nprobe, seed=seed)
 
 
+def embedded_rows(ctx: StageContext, kinds: tuple[str, ...]) -> int:
+    """Rows the ``embed`` manifests list for the sources of ``kinds`` — manifests only, no data read: an upper
+    bound on the vectors a combining stage reads once upstream filters have removed theirs."""
+    return sum(ref.entry["rows"] for kind, src in ctx.config.sources.all() if kind in kinds
+               for ref in ctx.engine.shard_refs("embed", partition=src.name))
+
+
+def planned_shards(ctx: StageContext, kinds: tuple[str, ...] = ("uncurated",)) -> list[Shard]:
+    """A combining stage's output shards, planned from the upstream manifests (see ``hash_shards``)."""
+    return hash_shards(ctx, embedded_rows(ctx, kinds))
+
+
 def hash_shards(ctx: StageContext, expected_rows: int) -> list[Shard]:
     """Output shards of a combining stage: ``ceil(rows / shard_rows)`` buckets by image_id hash."""
     n = max(1, -(-expected_rows // ctx.config.engine.shard_rows))
