@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.vectors.lloyd import (SCALE, Partial, nearest, partial_stats, sample_keys, smallest_keys, unit_rows,
+from pipeline.vectors.kmeans import normalise as unit_rows
+from pipeline.vectors.lloyd import (SCALE, Partial, nearest, partial_stats, sample_keys, smallest_keys,
                                     update_centroids)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.engine import Shard, Stage, StageContext, register
-from pipeline.stages.vectorio import planned_shards, load_vectors, split_shards
+from pipeline.stages.vectorio import load_vectors, planned_shards, split_shards
 from pipeline.tables import CLUSTERS_SCHEMA
 from pipeline.vectors.kmeans import hierarchical_kmeans, spherical_kmeans
 

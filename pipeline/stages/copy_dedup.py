@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.engine import Shard, Stage, StageContext, register
-from pipeline.stages.vectorio import planned_shards, index_spec, load_vectors, split_shards
+from pipeline.stages.vectorio import index_spec, load_vectors, planned_shards, split_shards
 from pipeline.tables import DECISIONS_SCHEMA
 from pipeline.vectors.copydetect import copy_components, decontaminate, pick_kept
 

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from pipeline.engine import Shard, Stage, StageContext, register
 from pipeline.stages.cluster import load_centroids
-from pipeline.stages.vectorio import planned_shards, index_spec, load_vectors, split_shards
+from pipeline.stages.vectorio import index_spec, load_vectors, planned_shards, split_shards
 from pipeline.tables import RETRIEVAL_SCHEMA
 from pipeline.vectors.index import build_index
 from pipeline.vectors.kmeans import assign_to

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.vectors.index import IndexSpec, build_index, knn_search
+
 SCALE = 1 << 24  # fixed-point unit of the sums
 SPLIT_EPS = 1.0 / 1024  # how far an empty cluster's new centroid and its donor are pushed apart
 
@@ -61,25 +63,16 @@ def sample_keys(ids: list[str], seed: int) -> np.ndarray:
     return out
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Float32, C-contiguous, each row scaled to unit norm (float16 storage is renormalised)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def nearest(x: np.ndarray, centroids: np.ndarray, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """The nearest centroid (largest cosine; ties: lowest index) of each unit row: (assign int64, sim float32).
 
     Rows are scored in fixed blocks of ``block`` so a row's result does not depend on how many
     rows share its shard."""
-    import faiss
-
     n = len(x)
     assign, sim = np.empty(n, np.int64), np.empty(n, np.float32)
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    index = build_index(centroids, IndexSpec(kind="flat"))
     for start in range(0, n, block):
-        s, i = index.search(np.ascontiguousarray(x[start:start + block]), 1)
+        s, i = knn_search(index, x[start:start + block], 1)
         assign[start:start + block], sim[start:start + block] = i[:, 0], s[:, 0]
     return assign, sim
 
